@@ -1,0 +1,334 @@
+"""The master: owns the sockets, forks workers, reaps and replaces them.
+
+Signal handlers only enqueue (gunicorn's pattern): the main loop wakes on
+signal.set_wakeup_fd's pipe and dispatches to handle_<signal>.
+  TERM        graceful stop: workers finish in-flight requests
+              (bounded by graceful_timeout), then exit 0.
+  INT, QUIT   fast stop.
+  HUP         rolling restart: new workers import the app anew; the old
+              ones stop gracefully once the new ones are ready.  The
+              sockets stay open in the master throughout.
+  TTIN, TTOU  one worker more / fewer, within [min_workers, max_workers].
+  USR1        reopen log files.
+  CHLD        reap; a worker that died is replaced at once (with backoff
+              if workers keep dying).
+
+Workers report readiness by writing their pid to a pipe.  A worker that
+exits with WORKER_BOOT_ERROR before any worker was ever ready means the
+app cannot be imported: the master stops with exit code 3 instead of
+forking forever.
+"""
+import collections
+import errno
+import fcntl
+import logging
+import os
+import select
+import signal
+import sys
+import time
+import traceback
+
+from . import logs, worker
+
+log = logging.getLogger("blazewsgi.error")
+
+EXIT_APP_IMPORT = 3
+HANDLED = ("TERM", "INT", "QUIT", "HUP", "TTIN", "TTOU", "USR1", "CHLD")
+
+
+class Worker:
+    __slots__ = ("pid", "age", "ready", "retiring", "started")
+
+    def __init__(self, pid, age):
+        self.pid = pid
+        self.age = age
+        self.ready = False
+        self.retiring = False
+        self.started = time.monotonic()
+
+
+def _nonblocking_pipe():
+    r, w = os.pipe2(os.O_CLOEXEC)
+    for fd in (r, w):
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+    return r, w
+
+
+class Arbiter:
+    def __init__(self, cfg, listeners):
+        self.cfg = cfg
+        self.listeners = listeners
+        self.workers = {}                 # pid -> Worker
+        self.target = cfg.min_workers
+        self.age = 0
+        self.booted = False               # some worker has been ready once
+        self.signals = collections.deque()
+        self.deaths = collections.deque(maxlen=10)
+        self.spawn_after = 0.0
+        self.pid = os.getpid()
+
+    # ---- setup ----
+    def _install_signals(self):
+        self.wake_r, self.wake_w = _nonblocking_pipe()
+        self.ready_r, self.ready_w = _nonblocking_pipe()
+        os.set_inheritable(self.ready_w, True)
+        signal.set_wakeup_fd(self.wake_w)
+        for name in HANDLED:
+            signal.signal(getattr(signal, "SIG" + name), self._enqueue)
+
+    def _enqueue(self, signum, frame):
+        self.signals.append(signum)       # nothing else: the loop does the work
+
+    # ---- main loop ----
+    def run(self):
+        self._install_signals()
+        if self.cfg.pid_file:
+            with open(self.cfg.pid_file, "w") as f:
+                f.write(f"{self.pid}\n")
+        os.environ["BLAZEWSGI_WORKERS"] = str(self.target)
+        for lst in self.listeners:
+            log.info("Listening at %s", lst.name)
+        log.info("Master %d starting %d worker(s) for %s", self.pid, self.target, self.cfg.wsgi_path)
+        try:
+            self.manage()
+            while True:
+                self._sleep(1.0)
+                rc = self._dispatch_signals()
+                if rc is not None:
+                    return rc
+                rc = self.manage()
+                if rc is not None:
+                    return rc
+        finally:
+            self._cleanup()
+
+    def _sleep(self, timeout):
+        try:
+            ready, _, _ = select.select([self.wake_r, self.ready_r], [], [], timeout)
+        except InterruptedError:
+            return
+        if self.wake_r in ready:
+            try:
+                while os.read(self.wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        if self.ready_r in ready:
+            self._read_ready()
+
+    def _read_ready(self):
+        try:
+            data = os.read(self.ready_r, 4096)
+        except BlockingIOError:
+            return
+        for line in data.split():
+            w = self.workers.get(int(line))
+            if w is not None and not w.ready:
+                w.ready = True
+                self.booted = True
+                log.info("Worker %d ready", w.pid)
+        self._retire_replaced()
+
+    def _dispatch_signals(self):
+        while self.signals:
+            signum = self.signals.popleft()
+            name = signal.Signals(signum).name[3:].lower()
+            rc = getattr(self, "handle_" + name)()
+            if rc is not None:
+                return rc
+        return None
+
+    def manage(self):
+        rc = self.reap()
+        if rc is not None:
+            return rc
+        self.spawn_missing()
+        return None
+
+    # ---- signal handlers (run from the loop, never from the signal) ----
+    def handle_chld(self):
+        return None               # manage() reaps after every wakeup
+
+    def handle_term(self):
+        log.info("SIGTERM: graceful stop")
+        return self.stop(graceful=True)
+
+    def handle_int(self):
+        log.info("SIGINT: fast stop")
+        return self.stop(graceful=False)
+
+    def handle_quit(self):
+        log.info("SIGQUIT: fast stop")
+        return self.stop(graceful=False)
+
+    def handle_hup(self):
+        log.info("SIGHUP: starting %d new worker(s); old ones stop when they are ready", self.target)
+        for w in self.workers.values():
+            w.retiring = True     # replaced: no longer counted towards target
+        self.spawn_missing()
+        return None
+
+    def handle_ttin(self):
+        if self.target < self.cfg.max_workers:
+            self.target += 1
+            log.info("SIGTTIN: %d worker(s)", self.target)
+        else:
+            log.info("SIGTTIN: already at max_workers (%d)", self.cfg.max_workers)
+        return None
+
+    def handle_ttou(self):
+        if self.target > self.cfg.min_workers:
+            self.target -= 1
+            log.info("SIGTTOU: %d worker(s)", self.target)
+            self._retire_extra()
+        else:
+            log.info("SIGTTOU: already at min_workers (%d)", self.cfg.min_workers)
+        return None
+
+    def handle_usr1(self):
+        logs.reopen()
+        log.info("SIGUSR1: log files reopened")
+        return None
+
+    # ---- workers ----
+    def _current(self):
+        return [w for w in self.workers.values() if not w.retiring]
+
+    def spawn_missing(self):
+        now = time.monotonic()
+        while len(self._current()) < self.target and now >= self.spawn_after:
+            self.spawn()
+
+    def spawn(self):
+        self.age += 1
+        pid = os.fork()
+        if pid:
+            self.workers[pid] = Worker(pid, self.age)
+            return
+        code = 1
+        try:
+            os.close(self.wake_r)
+            os.close(self.ready_r)
+            code = worker.run(self.cfg, self.listeners, self.ready_w, self.pid)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            for h in logging.getLogger("blazewsgi").handlers:
+                try:
+                    h.flush()
+                except Exception:
+                    pass
+            sys.stderr.flush()
+            os._exit(code if isinstance(code, int) else 1)
+
+    def _retire(self, w):
+        w.retiring = True
+        try:
+            os.kill(w.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    def _retire_replaced(self):
+        """After a HUP: once as many new workers are ready as needed, stop the old ones."""
+        old = [w for w in self.workers.values() if w.retiring]
+        if not old:
+            return
+        if sum(1 for w in self._current() if w.ready) >= self.target:
+            for w in old:
+                self._retire(w)
+
+    def _retire_extra(self):
+        extra = sorted(self._current(), key=lambda w: w.age, reverse=True)[: len(self._current()) - self.target]
+        for w in extra:
+            self._retire(w)
+
+    def reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return None
+            if pid == 0:
+                return None
+            w = self.workers.pop(pid, None)
+            if w is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if code == worker.WORKER_BOOT_ERROR and not w.ready:
+                if not self.booted:
+                    log.error("The application %r cannot be imported (traceback above); stopping",
+                              self.cfg.wsgi_path)
+                    self.stop(graceful=False)
+                    return EXIT_APP_IMPORT
+                log.error("Worker %d could not import the application; retrying with backoff", pid)
+            elif w.retiring and code == 0:
+                log.info("Worker %d stopped", pid)
+                continue
+            elif code < 0:
+                log.warning("Worker %d was killed by %s", pid, signal.Signals(-code).name)
+            else:
+                log.warning("Worker %d exited with code %d", pid, code)
+            self._note_death()
+
+    def _note_death(self):
+        now = time.monotonic()
+        self.deaths.append(now)
+        recent = [t for t in self.deaths if now - t < 10.0]
+        if len(recent) >= 5:
+            delay = min(2 ** (len(recent) - 4), 30)
+            self.spawn_after = now + delay
+            log.warning("Workers keep dying (%d in 10 s): next start in %d s", len(recent), delay)
+
+    def stop(self, graceful):
+        sig = signal.SIGTERM if graceful else signal.SIGQUIT
+        limit = self.cfg.graceful_timeout + 5.0 if graceful else 5.0
+        for w in list(self.workers.values()):
+            try:
+                os.kill(w.pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + limit
+        while self.workers and time.monotonic() < deadline:
+            self._sleep(0.1)
+            for signum in list(self.signals):
+                if graceful and signum in (signal.SIGINT, signal.SIGQUIT):
+                    log.info("Fast stop requested during graceful stop")
+                    return self.stop(graceful=False)
+            self.signals.clear()
+            self._reap_quietly()
+        for w in list(self.workers.values()):
+            log.warning("Worker %d did not stop in time; killing it", w.pid)
+            try:
+                os.kill(w.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        while self.workers:
+            try:
+                pid, _ = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            self.workers.pop(pid, None)
+        log.info("Master %d stopped", self.pid)
+        return 0
+
+    def _reap_quietly(self):
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.workers.clear()
+                return
+            if pid == 0:
+                return
+            self.workers.pop(pid, None)
+
+    def _cleanup(self):
+        for lst in self.listeners:
+            lst.close()
+        if self.cfg.pid_file:
+            try:
+                os.unlink(self.cfg.pid_file)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    log.warning("Cannot remove pid_file %s: %s", self.cfg.pid_file, e)

@@ -1,0 +1,392 @@
+"""Every setting, declared once: name, type, default, validator, help.
+
+The INI reader, the command line (cli.py), ``config.ini.example`` and the
+README's reference all come from SETTINGS; nothing else lists keys.
+Values are validated once, here, and a problem becomes one ConfigError
+line naming the file, the key and what is wrong (exit code 2).
+
+Paths in a config file are relative to the file's directory; paths given
+on the command line are relative to the working directory.
+"""
+import configparser
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Tuple
+
+SECTION = "server"
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased for the operator."""
+
+
+# ---- value parsers: str -> value, raise ValueError("what is wrong") ----
+
+def _int(lo=None, hi=None):
+    def parse(s):
+        try:
+            v = int(s.strip(), 10)
+        except ValueError:
+            raise ValueError(f"{s!r} is not a whole number") from None
+        if lo is not None and v < lo:
+            raise ValueError(f"{v} is below the minimum {lo}")
+        if hi is not None and v > hi:
+            raise ValueError(f"{v} is above the maximum {hi}")
+        return v
+    parse.kind = "integer"
+    return parse
+
+
+def _float(lo=0.0):
+    def parse(s):
+        try:
+            v = float(s.strip())
+        except ValueError:
+            raise ValueError(f"{s!r} is not a number") from None
+        if v != v or v < lo or v == float("inf"):
+            raise ValueError(f"{s.strip()} must be a finite number >= {lo}")
+        return v
+    parse.kind = "seconds" 
+    return parse
+
+
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+
+
+def _size(lo=0):
+    def parse(s):
+        m = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)(?:i?[bB])?\s*", s)
+        if not m:
+            raise ValueError(f"{s!r} is not a size (like 1048576, 512K, 100M, 1G)")
+        v = int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+        if v < lo:
+            raise ValueError(f"{v} is below the minimum {lo}")
+        return v
+    parse.kind = "size"
+    return parse
+
+
+def _bool(s):
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{s!r} is not true or false")
+
+
+_bool.kind = "boolean"
+
+
+def _str(s):
+    return s.strip()
+
+
+_str.kind = "string"
+
+
+def _octal(s):
+    try:
+        v = int(s.strip(), 8)
+    except ValueError:
+        raise ValueError(f"{s!r} is not an octal file mode like 0660") from None
+    if not 0 <= v <= 0o777:
+        raise ValueError(f"{s.strip()} is not a file mode between 0000 and 0777")
+    return v
+
+
+_octal.kind = "octal mode"
+
+
+def _list(s):
+    items = [x.strip() for x in s.split(",")]
+    if not s.strip() or any(not x for x in items):
+        raise ValueError(f"{s!r} must be a comma-separated list without empty items")
+    return items
+
+
+_list.kind = "list"
+
+
+def _choice(*choices):
+    def parse(s):
+        v = s.strip().lower()
+        if v not in choices:
+            raise ValueError(f"{s.strip()!r} is not one of {', '.join(choices)}")
+        return v
+    parse.kind = "choice"
+    return parse
+
+
+def _socket_list(s):
+    from .sockets import parse_address  # one parser for addresses: sockets.py
+    items = _list(s)
+    for item in items:
+        parse_address(item)
+    return items
+
+
+_socket_list.kind = "list"
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    cli: Tuple[str, ...] = ()
+    example: Optional[str] = None     # the value config.ini.example shows (default: the default)
+    is_path: bool = False             # resolved against the config file's directory
+    later: Optional[str] = None       # the capability that will use it, if not this version
+    metavar: Optional[str] = None
+
+
+def _fmt_default(st):
+    if st.default is None:
+        return ""
+    if isinstance(st.default, bool):
+        return "true" if st.default else "false"
+    if isinstance(st.default, list):
+        return ",".join(st.default)
+    if st.parse is _octal:
+        return "%04o" % st.default
+    return str(st.default)
+
+
+SETTINGS = [
+    # --- the concept document's keys ---
+    Setting("sockets", _socket_list, ["127.0.0.1:8000"],
+            "Comma-separated listening sockets: Unix socket paths (/run/app.sock, unix:rel.sock) "
+            "and TCP host:port or [v6]:port.", cli=("--bind", "-b"), metavar="ADDR"),
+    Setting("wsgi_path", _str, None,
+            "The WSGI application: a path to a wsgi.py file (its project root goes on sys.path, "
+            "so Django's settings import) or module:callable. Required.",
+            cli=("--app",), example="blazewsgi.demo:application", metavar="APP"),
+    Setting("min_workers", _int(1, 512), 1, "Worker processes started (and the floor for scaling).",
+            cli=("--workers", "-w"), example="2", metavar="N"),
+    Setting("max_workers", _int(1, 512), None,
+            "Ceiling for worker scaling; empty means equal to min_workers.",
+            cli=("--max-workers",), example="4", metavar="N"),
+    Setting("ssl", _bool, False, "Serve HTTPS with OpenSSL (needs ssl_certfile and ssl_keyfile).",
+            later="TLS (issue 5): this version refuses ssl=true rather than serve plain HTTP"),
+    Setting("metrics_port", _int(0, 65535), 0,
+            "Port of the Prometheus metrics endpoint on metrics_bind; 0 turns it off.",
+            later="metrics (issue 4)"),
+    Setting("rate_limit", _int(0), 0, "Most requests one client may make per minute; 0 turns it off.",
+            later="rate limiting (issue 4)"),
+    Setting("scale_threshold_high", _float(0.0), 1000.0,
+            "Requests/second (server-wide) above which a worker is added.", later="scaling (issue 3)"),
+    Setting("scale_threshold_low", _float(0.0), 200.0,
+            "Requests/second below which a worker is removed.", later="scaling (issue 3)"),
+    Setting("log_dir", _str, None,
+            "Directory for daily log files YYYY-MM-DD.log; empty logs to stderr.",
+            cli=("--log-dir",), is_path=True, example="", metavar="DIR"),
+    # --- sockets and processes ---
+    Setting("socket_mode", _octal, 0o660,
+            "File mode of Unix sockets (nginx's user must be able to connect: use 0666 or a shared group)."),
+    Setting("backlog", _int(1, 65535), 2048, "Listen queue length of each socket."),
+    Setting("graceful_timeout", _float(0.0), 30.0,
+            "Seconds a graceful stop (SIGTERM) waits for in-flight requests.", cli=("--graceful-timeout",)),
+    Setting("timeout", _float(0.0), 30.0,
+            "Seconds one request may run before its worker counts as hung.", cli=("--timeout", "-t"),
+            later="health checks (issue 3)"),
+    Setting("max_requests", _int(0), 0, "Recycle a worker after this many requests; 0 never.",
+            later="health checks (issue 3)"),
+    Setting("max_requests_jitter", _int(0), 0, "Random extra requests added to max_requests per worker.",
+            later="health checks (issue 3)"),
+    Setting("threads", _int(1, 1024), 1, "Threads per worker calling the app (1: on the loop thread).",
+            cli=("--threads",), later="thread pool (issue 6)"),
+    Setting("pid_file", _str, None, "Write the master's pid to this file.", cli=("--pid",),
+            is_path=True, metavar="FILE", example=""),
+    # --- HTTP limits ---
+    Setting("max_connections", _int(1, 1000000), 1000,
+            "Open connections per worker; beyond it the worker stops accepting until one closes."),
+    Setting("head_buffer_size", _size(1024), 16384,
+            "Per-connection read buffer: the largest request head (request line + headers), else 431."),
+    Setting("limit_request_line", _int(64), 8190, "Longest request line in bytes, else 414."),
+    Setting("limit_request_fields", _int(1, 1000), 100, "Most header lines in a request, else 431."),
+    Setting("limit_request_field_size", _int(64), 8190, "Longest header line in bytes, else 431."),
+    Setting("max_body_size", _size(0), 100 * 1024 ** 2,
+            "Largest request body (e.g. 100M); larger ones get 413 before the app runs."),
+    Setting("body_buffer_size", _size(0), 1024 ** 2,
+            "Request bodies larger than this spill from memory to a temporary file."),
+    Setting("tmp_dir", _str, None, "Directory for spilled request bodies (default: the system temp dir).",
+            is_path=True, example=""),
+    Setting("header_timeout", _float(0.1), 10.0,
+            "Seconds a client has to send a whole request head (slowloris guard)."),
+    Setting("keepalive_timeout", _float(0.1), 5.0, "Seconds an idle keep-alive connection is kept open.",
+            cli=("--keepalive",)),
+    Setting("io_timeout", _float(0.1), 30.0,
+            "Seconds without progress while receiving a body or sending a response."),
+    # --- logging ---
+    Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "Server log level.",
+            cli=("--log-level",)),
+    Setting("access_log", _bool, True, "Write a line per request.", later="access log (issue 4)"),
+    # --- capabilities of later versions, validated now ---
+    Setting("metrics_bind", _str, "127.0.0.1", "Address the metrics endpoint binds to.",
+            later="metrics (issue 4)"),
+    Setting("forwarded_allow_ips", _list, ["127.0.0.1", "::1"],
+            "Peers whose X-Forwarded-For / X-Real-IP is trusted (Unix socket peers always are).",
+            later="client address resolution (issue 4)"),
+    Setting("ssl_certfile", _str, None, "PEM certificate chain.", is_path=True, later="TLS (issue 5)", example=""),
+    Setting("ssl_keyfile", _str, None, "PEM private key.", is_path=True, later="TLS (issue 5)", example=""),
+    Setting("ssl_password", _str, None, "Password of an encrypted ssl_keyfile.", later="TLS (issue 5)", example=""),
+    Setting("ssl_ca_certs", _str, None, "CA bundle for client certificates (mutual TLS).", is_path=True,
+            later="TLS (issue 5)", example=""),
+    Setting("ssl_verify_client", _bool, False, "Require a client certificate signed by ssl_ca_certs.",
+            later="TLS (issue 5)"),
+    Setting("ssl_ciphers", _str, None, "OpenSSL cipher list for TLS 1.2.", later="TLS (issue 5)", example=""),
+    Setting("ssl_min_version", _choice("tlsv1.2", "tlsv1.3"), "tlsv1.2", "Oldest TLS version accepted.",
+            later="TLS (issue 5)"),
+]
+
+BY_NAME = {s.name: s for s in SETTINGS}
+
+
+class Config:
+    """Validated settings; read them as attributes (cfg.min_workers)."""
+
+    def __init__(self, values, source="<defaults>", base_dir=None):
+        self._values = values
+        self.source = source
+        self.base_dir = base_dir or os.getcwd()
+
+    def __getattr__(self, name):
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def as_dict(self):
+        return dict(self._values)
+
+    def non_default(self, name):
+        return self._values[name] != BY_NAME[name].default
+
+    @classmethod
+    def load(cls, path=None, overrides=None):
+        """Read path's [server] section (if any), apply command-line overrides, validate."""
+        values = {s.name: s.default for s in SETTINGS}
+        source = "<command line>"
+        base_dir = os.getcwd()
+        if path is not None:
+            source = path
+            base_dir = os.path.dirname(os.path.abspath(path))
+            parser = configparser.ConfigParser(interpolation=None, delimiters=("=",),
+                                               comment_prefixes=("#", ";"), inline_comment_prefixes=None)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    parser.read_file(f)
+            except FileNotFoundError:
+                raise ConfigError(f"{path}: no such config file") from None
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{path}: cannot read: {e}") from None
+            except configparser.Error as e:
+                raise ConfigError(f"{path}: not a valid INI file: {str(e).splitlines()[0]}") from None
+            if not parser.has_section(SECTION):
+                raise ConfigError(f"{path}: no [{SECTION}] section")
+            extra = [s for s in parser.sections() if s != SECTION]
+            if extra:
+                raise ConfigError(f"{path}: unknown section [{extra[0]}] (settings go in [{SECTION}])")
+            for key, raw in parser.items(SECTION):
+                values[key] = _parse_one(path, key, raw, base_dir)
+        for key, raw in (overrides or {}).items():
+            values[key] = _parse_one("command line", key, raw, os.getcwd())
+        cfg = cls(values, source, base_dir)
+        _check_together(cfg)
+        return cfg
+
+
+def _parse_one(where, key, raw, base_dir):
+    st = BY_NAME.get(key)
+    if st is None:
+        near = [n for n in BY_NAME if n.replace("_", "") == key.replace("_", "").replace("-", "")]
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise ConfigError(f"{where}: [{SECTION}] {key}: unknown setting{hint}")
+    if raw.strip() == "" and st.default is None:
+        return None
+    try:
+        value = st.parse(raw)
+    except ValueError as e:
+        raise ConfigError(f"{where}: [{SECTION}] {key}: {e}") from None
+    if st.is_path and value:
+        value = os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
+    return value
+
+
+def _check_together(cfg):
+    where = cfg.source
+    v = cfg._values
+    if v["max_workers"] is None:
+        v["max_workers"] = v["min_workers"]
+    if v["min_workers"] > v["max_workers"]:
+        raise ConfigError(f"{where}: [{SECTION}] min_workers: {v['min_workers']} is greater than "
+                          f"max_workers {v['max_workers']}")
+    if v["scale_threshold_low"] >= v["scale_threshold_high"]:
+        raise ConfigError(f"{where}: [{SECTION}] scale_threshold_low: must be below scale_threshold_high")
+    if not v["wsgi_path"]:
+        raise ConfigError(f"{where}: [{SECTION}] wsgi_path: missing (the WSGI app to serve; "
+                          "or use --app module:callable)")
+    app = v["wsgi_path"]
+    if _looks_like_file(app):
+        path = app.rsplit(":", 1)[0] if re.search(r"\.py:[A-Za-z_]\w*$", app) else app
+        full = os.path.normpath(os.path.join(cfg.base_dir, os.path.expanduser(path)))
+        if not os.path.isfile(full):
+            raise ConfigError(f"{where}: [{SECTION}] wsgi_path: {full}: no such file")
+        v["wsgi_path"] = full + app[len(path):]
+    elif not re.fullmatch(r"[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?", app):
+        raise ConfigError(f"{where}: [{SECTION}] wsgi_path: {app!r} is neither a .py file nor module:callable")
+    if v["head_buffer_size"] < v["limit_request_line"] + 512:
+        raise ConfigError(f"{where}: [{SECTION}] head_buffer_size: must be at least limit_request_line + 512")
+    if v["log_dir"]:
+        d = v["log_dir"]
+        if not os.path.isdir(d):
+            raise ConfigError(f"{where}: [{SECTION}] log_dir: {d}: no such directory")
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise ConfigError(f"{where}: [{SECTION}] log_dir: {d}: not writable")
+    tmp = v["tmp_dir"] or tempfile.gettempdir()
+    if not os.path.isdir(tmp) or not os.access(tmp, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where}: [{SECTION}] tmp_dir: {tmp}: not a writable directory")
+    v["tmp_dir"] = tmp
+    if v["ssl"]:
+        raise ConfigError(f"{where}: [{SECTION}] ssl: TLS is not in this version yet; "
+                          "terminate TLS in nginx and set ssl=false")
+    for key in ("ssl_certfile", "ssl_keyfile", "ssl_ca_certs"):
+        if v[key] and not os.path.isfile(v[key]):
+            raise ConfigError(f"{where}: [{SECTION}] {key}: {v[key]}: no such file")
+
+
+def _looks_like_file(app):
+    return "/" in app or app.endswith(".py") or bool(re.search(r"\.py:[A-Za-z_]\w*$", app))
+
+
+def example_ini():
+    """The text of config.ini.example, generated from SETTINGS."""
+    out = ["# BlazeWSGI configuration: every setting, with its default.",
+           "# Generated from blazewsgi/config.py (python -m blazewsgi.config > config.ini.example).",
+           "# Paths are relative to this file's directory.", "", f"[{SECTION}]"]
+    for st in SETTINGS:
+        out.append("")
+        text = st.help
+        if st.later:
+            text += f" [Accepted and validated now; used from: {st.later}.]"
+        line = "# "
+        for word in text.split():
+            if len(line) + len(word) > 78:
+                out.append(line.rstrip())
+                line = "# "
+            line += word + " "
+        out.append(line.rstrip())
+        if st.cli:
+            out.append(f"# Command line: {' / '.join(st.cli)}")
+        value = st.example if st.example is not None else _fmt_default(st)
+        out.append(f"{st.name} = {value}")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+    sys.stdout.write(example_ini())

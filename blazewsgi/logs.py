@@ -1,0 +1,73 @@
+"""Server logging: stderr, or daily files log_dir/YYYY-MM-DD.log.
+
+Lines look like ``[2026-12-04 16:00:00] [1234] [INFO] message``.  Every
+process appends to the same daily file with O_APPEND and one write per
+record, so lines of different workers never interleave within a line.
+SIGUSR1 (in the master) reopens the file, for tools that move it.
+"""
+import datetime
+import logging
+import os
+import sys
+
+FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
+DATEFMT = "%Y-%m-%d %H:%M:%S"
+
+
+class DailyFileHandler(logging.Handler):
+    """Append to log_dir/<local date>.log, switching files at midnight."""
+
+    def __init__(self, log_dir, clock=datetime.date.today):
+        super().__init__()
+        self.log_dir = log_dir
+        self.clock = clock
+        self._day = None
+        self._fd = -1
+
+    def _open(self, day):
+        path = os.path.join(self.log_dir, f"{day.isoformat()}.log")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._day = fd, day
+
+    def reopen(self):
+        with self.lock:
+            self._day = None
+
+    def emit(self, record):
+        try:
+            line = (self.format(record) + "\n").encode("utf-8", "replace")
+            with self.lock:
+                day = self.clock()
+                if day != self._day:
+                    self._open(day)
+                os.write(self._fd, line)
+        except Exception:
+            self.handleError(record)
+
+    def close(self):
+        with self.lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+        super().close()
+
+
+def setup(level="info", log_dir=None):
+    root = logging.getLogger("blazewsgi")
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    handler = DailyFileHandler(log_dir) if log_dir else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    root.propagate = False
+    return root
+
+
+def reopen():
+    for h in logging.getLogger("blazewsgi").handlers:
+        if isinstance(h, DailyFileHandler):
+            h.reopen()

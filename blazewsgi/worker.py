@@ -1,0 +1,75 @@
+"""A worker process, after fork: load the app, hand the loop its sockets, run.
+
+Signals in a worker belong to the C loop (see csrc/blaze_loop.c): SIGTERM
+is a graceful stop, SIGINT/SIGQUIT a fast one.  Python's handlers inherited
+from the master are reset here, before the app is imported.
+
+Exit codes: 0 normal stop, 1 setup failure, WORKER_BOOT_ERROR when the
+application cannot be imported (the master then stops instead of forking
+forever).
+"""
+import logging
+import os
+import signal
+import sys
+import traceback
+
+from . import loader, wsgi
+from ._blaze import ffi, lib
+
+WORKER_BOOT_ERROR = 3
+MASTER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD,
+                  signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2)
+
+log = logging.getLogger("blazewsgi.error")
+
+
+def _limits(cfg, master_pid):
+    tmp = ffi.new("char[]", cfg.tmp_dir.encode())
+    lim = ffi.new("blaze_limits *", {
+        "max_connections": cfg.max_connections,
+        "head_buffer_size": cfg.head_buffer_size,
+        "limit_request_line": cfg.limit_request_line,
+        "limit_request_fields": cfg.limit_request_fields,
+        "limit_request_field_size": cfg.limit_request_field_size,
+        "header_timeout": cfg.header_timeout,
+        "keepalive_timeout": cfg.keepalive_timeout,
+        "io_timeout": cfg.io_timeout,
+        "graceful_timeout": cfg.graceful_timeout,
+        "max_body_size": cfg.max_body_size,
+        "body_buffer_size": cfg.body_buffer_size,
+        "tmp_dir": tmp,
+        "parent_pid": master_pid,
+    })
+    return lim, tmp     # tmp must outlive blaze_loop_new (it copies it)
+
+
+def run(cfg, listeners, ready_fd, master_pid):
+    """Serve until stopped; returns the process exit code."""
+    signal.set_wakeup_fd(-1)
+    for sig in MASTER_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)     # reloads are the master's business
+    try:
+        app = loader.load_app(cfg.wsgi_path)
+    except BaseException:
+        sys.stderr.write(f"blazewsgi: cannot import the application {cfg.wsgi_path!r}:\n")
+        sys.stderr.write(traceback.format_exc())
+        log.error("Cannot import the application %r:\n%s", cfg.wsgi_path, traceback.format_exc().rstrip())
+        return WORKER_BOOT_ERROR
+    wsgi.setup(app, listeners, multiprocess=cfg.max_workers > 1)
+    lim, tmp = _limits(cfg, master_pid)
+    err = ffi.new("char[256]")
+    loop = lib.blaze_loop_new(lim, err, 256)
+    if loop == ffi.NULL:
+        log.error("Cannot start the event loop: %s", ffi.string(err).decode())
+        return 1
+    try:
+        for lst in listeners:
+            if lib.blaze_loop_listen(loop, lst.fileno(), err, 256) < 0:
+                log.error("Cannot listen on %s: %s", lst.name, ffi.string(err).decode())
+                return 1
+        os.write(ready_fd, b"%d\n" % os.getpid())
+        return lib.blaze_loop_run(loop)
+    finally:
+        lib.blaze_loop_free(loop)

@@ -1,0 +1,283 @@
+"""The WSGI side of a request: environ, start_response, the response.
+
+C calls blaze_py_request once per complete request.  The request arrives
+as one "KEY\\0VALUE\\0..." block that C built (CGI names, HTTP_* already
+upper-cased, PATH_INFO already percent-decoded), so building the environ
+is one decode, one split and one dict update, with no Python work per
+header.  The response goes back the same way: headers joined into one
+"name\\0value\\0..." string that C validates and frames.
+
+Responses:
+  * a one-item list or tuple (the common case) goes out in one writev
+    with its Content-Length: blaze_resp_simple;
+  * wsgi.file_wrapper around a real file goes out with sendfile;
+  * anything else is iterated; when the socket is slower than the app
+    (more than HIGH_WATER bytes queued) we return BLAZE_PY_STREAM and the
+    loop calls blaze_py_resume when the output drains, so one slow client
+    never holds the worker and memory stays bounded.
+The app's iterable is closed in every case, including client disconnects
+(blaze_py_abort).
+"""
+import io
+import logging
+import os
+import stat
+import sys
+
+from . import SERVER_SOFTWARE
+from ._blaze import ffi, lib
+
+log = logging.getLogger("blazewsgi.error")
+
+DONE = lib.BLAZE_PY_DONE
+STREAM = lib.BLAZE_PY_STREAM
+ERROR = lib.BLAZE_PY_ERROR
+HIGH_WATER = 256 * 1024
+
+_app = None
+_bases = []          # base environ per listener index
+_streams = {}        # conn_id -> _Response suspended mid-body
+_errbuf = ffi.new("char[256]")
+
+
+class ClientGone(Exception):
+    """The client disconnected while we were sending."""
+
+
+class FileWrapper:
+    """wsgi.file_wrapper: sent with sendfile when it wraps a regular file."""
+
+    def __init__(self, filelike, blksize=65536):
+        self.filelike = filelike
+        self.blksize = blksize
+        if hasattr(filelike, "close"):
+            self.close = filelike.close
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        data = self.filelike.read(self.blksize)
+        if data:
+            return data
+        raise StopIteration
+
+
+def setup(app, listeners, multiprocess):
+    """Called once per worker before the loop runs."""
+    global _app
+    _app = app
+    _bases.clear()
+    for lst in listeners:
+        _bases.append({
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http",
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": False,
+            "wsgi.multiprocess": multiprocess,
+            "wsgi.run_once": False,
+            "wsgi.file_wrapper": FileWrapper,
+            "wsgi.input_terminated": True,
+            "SCRIPT_NAME": "",
+            "SERVER_SOFTWARE": SERVER_SOFTWARE,
+            "SERVER_NAME": lst.server_name,
+            "SERVER_PORT": lst.server_port,
+        })
+
+
+def _header_block(headers):
+    # TypeError for non-str items, UnicodeEncodeError for non-latin-1: both 500.
+    return "\0".join(map("\0".join, headers)).encode("latin-1")
+
+
+def _c_error():
+    return ffi.string(_errbuf).decode("latin-1", "replace")
+
+
+class _Response:
+    __slots__ = ("conn", "status", "headers", "sent", "result", "it", "input")
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.status = None
+        self.headers = None
+        self.sent = False
+        self.result = None
+        self.it = None
+        self.input = None
+
+    def start_response(self, status, headers, exc_info=None):
+        if exc_info is not None:
+            try:
+                if self.sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.status is not None:
+            raise AssertionError("start_response() called twice without exc_info")
+        if type(status) is not str:
+            raise TypeError(f"status must be str, not {type(status).__name__}")
+        if type(headers) is not list:
+            raise TypeError(f"headers must be a list, not {type(headers).__name__}")
+        self.status = status
+        self.headers = headers
+        return self.write
+
+    def _start(self, body_len):
+        if self.status is None:
+            raise AssertionError("the application sent a body before calling start_response()")
+        st = self.status.encode("latin-1")
+        hb = _header_block(self.headers)
+        if lib.blaze_resp_start(self.conn, st, len(st), hb, len(hb), len(self.headers),
+                                body_len, _errbuf, 256) != 0:
+            raise ValueError(f"invalid response from the application: {_c_error()}")
+        self.sent = True
+
+    def write(self, data):
+        """The legacy write() callable: sent now, blocking while the client lags."""
+        if type(data) is not bytes:
+            raise TypeError(f"write() takes bytes, not {type(data).__name__}")
+        if not self.sent:
+            self._start(-1)
+        pending = lib.blaze_resp_write(self.conn, data, len(data))
+        if pending > HIGH_WATER:
+            pending = lib.blaze_resp_flush(self.conn, HIGH_WATER // 4)
+        if pending < 0:
+            raise ClientGone("client disconnected")
+
+    def pump(self):
+        """Send from the iterator until it ends (DONE) or the socket lags (STREAM)."""
+        conn = self.conn
+        for chunk in self.it:
+            if type(chunk) is not bytes:
+                raise TypeError(f"the application yielded {type(chunk).__name__}, not bytes")
+            if not chunk:
+                continue
+            if not self.sent:
+                self._start(-1)
+            pending = lib.blaze_resp_write(conn, chunk, len(chunk))
+            if pending < 0:
+                raise ClientGone("client disconnected")
+            if pending > HIGH_WATER:
+                return STREAM
+        if not self.sent:
+            self._start(0)
+        if lib.blaze_resp_finish(conn) != 0:
+            raise ClientGone("client disconnected")
+        return DONE
+
+    def close(self):
+        """Close the app's iterable and our copy of the body; errors are logged."""
+        result, self.result, self.it = self.result, None, None
+        inp, self.input = self.input, None
+        if inp is not None and not isinstance(inp, io.BytesIO):
+            inp.close()
+        close = getattr(result, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                log.exception("Error closing the application's response")
+
+
+def _send_file(r, wrapper):
+    """sendfile path for wsgi.file_wrapper; None when the file is not a regular file."""
+    f = wrapper.filelike
+    try:
+        fd = f.fileno()
+        st = os.fstat(fd)
+        offset = f.tell()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    size = max(st.st_size - offset, 0)
+    if not r.sent:
+        r._start(-1 if any(k.lower() == "content-length" for k, _ in r.headers) else size)
+    if lib.blaze_resp_file(r.conn, os.dup(fd), offset, size) < 0 or lib.blaze_resp_finish(r.conn) != 0:
+        raise ClientGone("client disconnected")
+    return DONE
+
+
+def _run(r, environ):
+    r.result = result = _app(environ, r.start_response)
+    if type(result) in (list, tuple) and len(result) == 1 and not r.sent:
+        body = result[0]
+        if type(body) is not bytes:
+            raise TypeError(f"the application returned {type(body).__name__}, not bytes")
+        if r.status is None:
+            raise AssertionError("the application returned without calling start_response()")
+        st = r.status.encode("latin-1")
+        hb = _header_block(r.headers)
+        if lib.blaze_resp_simple(r.conn, st, len(st), hb, len(hb), len(r.headers), body, len(body),
+                                 _errbuf, 256) != 0:
+            if _c_error() == "client disconnected":
+                raise ClientGone("client disconnected")
+            raise ValueError(f"invalid response from the application: {_c_error()}")
+        return DONE
+    if type(result) is FileWrapper:
+        rc = _send_file(r, result)
+        if rc is not None:
+            return rc
+    r.it = iter(result)
+    return r.pump()
+
+
+def _fail(r, exc):
+    if isinstance(exc, ClientGone):
+        log.debug("client disconnected during the response")
+    else:
+        log.error("Error handling request", exc_info=exc)
+    r.close()
+    return ERROR
+
+
+@ffi.def_extern(onerror=lambda *exc: log.critical("blaze_py_request failed", exc_info=exc) or ERROR)
+def blaze_py_request(conn, req):
+    parts = ffi.unpack(req.env, req.env_len).decode("latin-1").split("\0")
+    environ = _bases[req.listener].copy()
+    it = iter(parts)
+    environ.update(zip(it, it))
+    r = _Response(conn)
+    if req.body_fd >= 0:
+        r.input = inp = open(os.dup(req.body_fd), "rb")
+    else:
+        inp = io.BytesIO(ffi.unpack(req.body, req.body_len) if req.body_len else b"")
+    environ["wsgi.input"] = inp
+    try:
+        rc = _run(r, environ)
+    except BaseException as exc:
+        if not isinstance(exc, Exception):
+            r.close()
+            raise
+        return _fail(r, exc)
+    if rc == STREAM:
+        _streams[req.conn_id] = r
+        return STREAM
+    r.close()
+    return DONE
+
+
+@ffi.def_extern(onerror=lambda *exc: log.critical("blaze_py_resume failed", exc_info=exc) or ERROR)
+def blaze_py_resume(conn, conn_id):
+    r = _streams.pop(conn_id, None)
+    if r is None:
+        return ERROR
+    r.conn = conn
+    try:
+        rc = r.pump()
+    except Exception as exc:
+        return _fail(r, exc)
+    if rc == STREAM:
+        _streams[conn_id] = r
+        return STREAM
+    r.close()
+    return DONE
+
+
+@ffi.def_extern(onerror=lambda *exc: log.critical("blaze_py_abort failed", exc_info=exc))
+def blaze_py_abort(conn_id):
+    r = _streams.pop(conn_id, None)
+    if r is not None:
+        log.debug("client disconnected during a streamed response")
+        r.close()

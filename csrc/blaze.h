@@ -1,0 +1,175 @@
+/* Internal C API shared by the csrc/ files: structs, enums, prototypes.
+ *
+ * Error convention (one for the whole core): a function returns
+ * BLAZE_OK (0) or BLAZE_ERR (-1); setup functions also write a one-line
+ * reason into a caller's err buffer so Python can show the operator why.
+ * Cleanup runs once, at a `goto fail` label, in reverse order.
+ *
+ * Ownership: libevent objects and descriptors belong to the struct that
+ * created them and are released only by its *_free function
+ * (conn_free for a connection, blaze_loop_free for the loop).
+ */
+#ifndef BLAZE_H
+#define BLAZE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <netinet/in.h>
+#include <event2/event.h>
+#include <event2/buffer.h>
+#include <event2/listener.h>
+#include <http_parser.h>
+
+#include "blaze_cdef.h"
+
+#define BLAZE_OK 0
+#define BLAZE_ERR (-1)
+#define BLAZE_MAX_LISTENERS 64
+#define BLAZE_VERSION "0.1.0"
+/* Output above this many queued bytes pauses streaming and pipelining. */
+#define BLAZE_OUT_HIGH (256 * 1024)
+
+/* Calls into Python (defined by CFFI from build_ffi.py). */
+int blaze_py_request(blaze_conn *c, const blaze_request *req);
+int blaze_py_resume(blaze_conn *c, unsigned long long conn_id);
+void blaze_py_abort(unsigned long long conn_id);
+
+/* The outcome of one I/O step; conn_step's switch acts on it. */
+typedef enum { IO_AGAIN, IO_DONE, IO_CLOSE } blaze_io;
+
+/* The named states of a connection (see blaze_conn.c for transitions). */
+typedef enum {
+    CONN_HEAD,    /* waiting for or reading a request head */
+    CONN_BODY,    /* reading a request body */
+    CONN_APP,     /* inside blaze_py_request / blaze_py_resume */
+    CONN_STREAM,  /* app iterator suspended until the output drains */
+    CONN_DRAIN,   /* response queued; next request waits for the output to drain */
+    CONN_LINGER,  /* error answered, write side shut: discard input until EOF */
+    CONN_DEAD     /* closed during a Python call; freed when the call returns */
+} blaze_conn_state;
+
+typedef enum { TIMER_NONE, TIMER_HEADER, TIMER_KEEPALIVE, TIMER_IO, TIMER_LINGER } blaze_timer;
+typedef enum { BODY_NONE, BODY_LENGTH, BODY_CHUNKED } blaze_body_kind;
+
+typedef struct { uint32_t off, len; } blaze_span;          /* offsets into conn->buf */
+typedef struct { blaze_span name, value; } blaze_header;
+
+struct blaze_loop {
+    struct event_base *base;                  /* owned */
+    blaze_limits lim;                         /* copy; lim.tmp_dir owned */
+    struct evconnlistener *listeners[BLAZE_MAX_LISTENERS]; /* owned; fds are the master's */
+    int nlisteners;
+    int accepting;                            /* listeners enabled */
+    struct event *sig_term, *sig_int, *sig_quit, *tick, *grace; /* owned */
+    const struct timeval *tv_header, *tv_keepalive, *tv_io, *tv_linger; /* common timeouts */
+    blaze_conn *conns;                        /* live connections (owned, via conn_free) */
+    int nconns;
+    int stopping;                             /* graceful stop requested */
+    int exit_code;
+    unsigned long long next_id;
+    http_parser_settings settings;
+    char *scratch;                            /* owned: the environ block */
+    size_t scratch_cap;
+    char *head;                               /* owned: a framed response head not yet sent */
+    size_t head_cap, head_len;
+    blaze_conn *head_conn;                    /* whose head it is (borrowed) */
+};
+
+struct blaze_conn {
+    blaze_loop *loop;                         /* borrowed */
+    blaze_conn *prev, *next;                  /* in loop->conns */
+    int fd;                                   /* owned: closed by conn_free */
+    int listener;
+    int is_unix;
+    blaze_conn_state state;
+    unsigned long long id;
+    struct event *ev_read, *ev_write, *ev_timer; /* owned */
+    blaze_timer timer;
+    unsigned reading : 1;                     /* ev_read is added */
+    unsigned writing : 1;                     /* ev_write is added */
+    unsigned closing : 1;                     /* close once the output drains */
+    unsigned py_stream : 1;                   /* Python holds a suspended iterator for us */
+    unsigned long long served;                /* responses completed on this connection */
+    struct evbuffer *out;                     /* owned, created on the first short write */
+
+    /* Read buffer: fixed size, holds a whole request head. */
+    char *buf;                                /* owned */
+    size_t len;                               /* bytes in buf */
+    size_t start;                             /* first byte of the current request */
+    size_t scan;                              /* head scanner position */
+    size_t line;                              /* start of the line being scanned */
+    int nlines;                               /* head lines seen so far */
+    size_t head_end;                          /* end of the head (after CRLFCRLF) */
+
+    /* The request being read, as offsets into buf. */
+    http_parser parser;
+    blaze_span url;
+    blaze_header *hdrs;                       /* owned, limit_request_fields entries */
+    int nhdrs;
+    int hdr_overflow;
+    unsigned keepalive : 1;
+    unsigned is_head : 1;
+    unsigned http10 : 1;
+    unsigned expect_continue : 1;             /* answer 100 Continue before reading the body */
+
+    /* Request body. */
+    blaze_body_kind body_kind;
+    uint64_t body_left;                       /* BODY_LENGTH: bytes still to read */
+    int chunk_state;                          /* BODY_CHUNKED: see blaze_http.c */
+    uint64_t chunk_left;
+    size_t chunk_line;                        /* bytes in the current chunk/trailer line */
+    size_t trailer_bytes;
+    char *body;                               /* owned: body in memory */
+    size_t body_len, body_cap;
+    int body_fd;                              /* owned: -1 or the spill file */
+    uint64_t body_total;
+
+    /* Response. */
+    unsigned resp_started : 1;                /* status line and headers are queued */
+    unsigned resp_chunked : 1;
+    unsigned resp_nobody : 1;                 /* HEAD, 1xx, 204, 304 */
+    unsigned resp_close : 1;                  /* close once this response is written */
+    long long resp_left;                      /* body bytes still owed (-1: not framed by length) */
+
+    char remote_addr[64];
+    char remote_port[8];
+};
+
+/* blaze_loop.c */
+void loop_conn_opened(blaze_loop *loop, blaze_conn *c);
+void loop_conn_closed(blaze_loop *loop, blaze_conn *c);
+void loop_maybe_exit(blaze_loop *loop);
+int loop_scratch_reserve(blaze_loop *loop, size_t need);
+extern char blaze_date_header[64];
+
+/* blaze_conn.c */
+blaze_conn *conn_new(blaze_loop *loop, int fd, int listener, const struct sockaddr *sa, int salen);
+void conn_free(blaze_conn *c);
+void conn_close_if_idle(blaze_conn *c);
+void conn_request_done(blaze_conn *c);
+int conn_send(blaze_conn *c, const struct iovec *iov, int n);
+void conn_send_error(blaze_conn *c, int status, const char *why);
+void conn_broken(blaze_conn *c);
+void conn_want_write(blaze_conn *c);
+
+/* blaze_http.c */
+void http_settings_init(http_parser_settings *s);
+void http_request_reset(blaze_conn *c);
+/* Returns IO_AGAIN (need more bytes), IO_DONE (head or body complete), or
+ * IO_CLOSE with *status set to the HTTP error to answer (0: just close). */
+blaze_io http_read_head(blaze_conn *c, int *status, const char **why);
+blaze_io http_read_body(blaze_conn *c, int *status, const char **why);
+int http_build_environ(blaze_conn *c, blaze_request *req);
+
+extern const unsigned char blaze_tchar[256];
+int blaze_field_char(unsigned char ch);
+
+/* blaze_write.c */
+void write_update_date(void);
+long long write_pending(blaze_conn *c);
+int write_flush_head(blaze_conn *c);
+const char *write_reason(int status);
+
+#endif

@@ -1,0 +1,74 @@
+/* The Python-visible surface of the C core, and nothing else.
+ *
+ * build_ffi.py feeds this file to ffi.cdef(), so it must stay free of
+ * preprocessor directives; the C files include it too, so every struct
+ * here has exactly one definition.  The calls from C into Python
+ * (extern "Python+C") are declared in build_ffi.py and blaze.h.
+ */
+
+typedef struct blaze_loop blaze_loop;
+typedef struct blaze_conn blaze_conn;
+
+/* Limits and timeouts of one worker's loop; copied by blaze_loop_new. */
+typedef struct {
+    int max_connections;          /* open connections before accepting pauses */
+    int head_buffer_size;         /* per-connection read buffer: the largest request head */
+    int limit_request_line;       /* bytes in the request line, else 414 */
+    int limit_request_fields;     /* header lines, else 431 */
+    int limit_request_field_size; /* bytes in one header line, else 431 */
+    double header_timeout;        /* seconds to receive a whole request head */
+    double keepalive_timeout;     /* seconds an idle keep-alive connection is kept */
+    double io_timeout;            /* seconds of no progress while reading a body or writing */
+    double graceful_timeout;      /* seconds a graceful stop waits for in-flight requests */
+    long long max_body_size;      /* larger request bodies get 413 */
+    long long body_buffer_size;   /* larger request bodies spill to a temporary file */
+    const char *tmp_dir;          /* where spilled bodies go (copied) */
+    int parent_pid;               /* the master: the loop stops gracefully when it is gone */
+} blaze_limits;
+
+/* One parsed request, valid for the duration of blaze_py_request only. */
+typedef struct {
+    const char *env;              /* "KEY\0VALUE\0KEY\0VALUE": CGI variables, latin-1 */
+    size_t env_len;
+    int listener;                 /* index returned by blaze_loop_listen */
+    const char *body;             /* the body in memory (body_fd == -1) */
+    size_t body_len;              /* body length, in memory or in the file */
+    int body_fd;                  /* -1, or a temporary file holding the body; C closes it */
+    int is_head;                  /* HEAD request: the body is not sent */
+    unsigned long long conn_id;   /* stable id of the connection, for streaming state */
+} blaze_request;
+
+/* What blaze_py_request / blaze_py_resume return to C. */
+enum {
+    BLAZE_PY_DONE = 0,            /* the response is complete (blaze_resp_finish was called) */
+    BLAZE_PY_STREAM = 1,          /* more body to come: call blaze_py_resume when output drains */
+    BLAZE_PY_ERROR = -1           /* the app failed: 500 if nothing was sent, else close */
+};
+
+/* Loop: one per worker process. Errors come back as text in err. */
+blaze_loop *blaze_loop_new(const blaze_limits *limits, char *err, size_t errlen);
+int blaze_loop_listen(blaze_loop *loop, int fd, char *err, size_t errlen);
+int blaze_loop_run(blaze_loop *loop);
+void blaze_loop_free(blaze_loop *loop);
+
+/* Response, called from Python during blaze_py_request / blaze_py_resume.
+ * blaze_resp_start validates and frames the status and headers:
+ * hdrs is "name\0value\0name\0value" with nhdrs pairs; body_len is the
+ * total body size when the server knows it (-1 otherwise).  Returns 0, or
+ * -1 with the reason in err (nothing has been sent then). */
+int blaze_resp_start(blaze_conn *c, const char *status, size_t status_len,
+                     const char *hdrs, size_t hdrs_len, int nhdrs,
+                     long long body_len, char *err, size_t errlen);
+/* Queue body bytes; returns the bytes still waiting for the socket, or -1
+ * when the client is gone. */
+long long blaze_resp_write(blaze_conn *c, const char *data, size_t len);
+/* Queue len bytes of fd from offset, sent with sendfile; takes fd. */
+long long blaze_resp_file(blaze_conn *c, int fd, long long offset, long long len);
+/* Block (bounded by io_timeout) until at most `below` bytes wait; -1 if the client is gone. */
+long long blaze_resp_flush(blaze_conn *c, long long below);
+/* End of the response body. */
+int blaze_resp_finish(blaze_conn *c);
+/* start + one body + finish in a single write: the common case. */
+int blaze_resp_simple(blaze_conn *c, const char *status, size_t status_len,
+                      const char *hdrs, size_t hdrs_len, int nhdrs,
+                      const char *body, size_t body_len, char *err, size_t errlen);

@@ -1,0 +1,490 @@
+/* One connection: its states, buffers, keep-alive, timeouts, new/free.
+ *
+ * Transitions (conn_step is the one place that moves between them):
+ *   HEAD  --head complete, no body-->  APP (blaze_py_request)
+ *   HEAD  --head complete, body----->  BODY --body complete--> APP
+ *   APP   --DONE-->   DRAIN --output drained--> HEAD (keep-alive) | closed
+ *   APP   --STREAM--> STREAM --output drained--> APP (blaze_py_resume)
+ *   any   --bad request--> LINGER (error answered, write side shut) --> closed
+ *   APP   --socket broke inside Python--> DEAD --call returns--> freed
+ * Reading is on only in HEAD, BODY and LINGER: a client cannot pile up
+ * requests while its responses wait (backpressure), and pipelined
+ * requests are answered in order.
+ *
+ * Timers: HEADER is a deadline for a whole head (slowloris), LINGER a
+ * deadline for the discard phase; KEEPALIVE and IO restart on progress.
+ */
+#include "blaze.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+static void on_read(evutil_socket_t fd, short what, void *arg);
+static void on_write(evutil_socket_t fd, short what, void *arg);
+static void on_timer(evutil_socket_t fd, short what, void *arg);
+static void conn_step(blaze_conn *c);
+
+static void timer_set(blaze_conn *c, blaze_timer kind)
+{
+    if (kind == c->timer && (kind == TIMER_HEADER || kind == TIMER_LINGER))
+        return;     /* deadlines are not pushed back by progress */
+    c->timer = kind;
+    const struct timeval *tv;
+    switch (kind) {
+    case TIMER_HEADER: tv = c->loop->tv_header; break;
+    case TIMER_KEEPALIVE: tv = c->loop->tv_keepalive; break;
+    case TIMER_IO: tv = c->loop->tv_io; break;
+    case TIMER_LINGER: tv = c->loop->tv_linger; break;
+    case TIMER_NONE:
+    default:
+        event_del(c->ev_timer);
+        return;
+    }
+    event_add(c->ev_timer, tv);
+}
+
+static void read_on(blaze_conn *c)
+{
+    if (!c->reading && event_add(c->ev_read, NULL) == 0)
+        c->reading = 1;
+}
+
+static void read_off(blaze_conn *c)
+{
+    if (c->reading) {
+        event_del(c->ev_read);
+        c->reading = 0;
+    }
+}
+
+void conn_want_write(blaze_conn *c)
+{
+    if (!c->writing && event_add(c->ev_write, NULL) == 0)
+        c->writing = 1;
+}
+
+static void write_off(blaze_conn *c)
+{
+    if (c->writing) {
+        event_del(c->ev_write);
+        c->writing = 0;
+    }
+}
+
+blaze_conn *conn_new(blaze_loop *loop, int fd, int listener, const struct sockaddr *sa, int salen)
+{
+    const blaze_limits *lim = &loop->lim;
+    blaze_conn *c = calloc(1, sizeof(*c));
+    if (c == NULL)
+        return NULL;
+    c->loop = loop;
+    c->fd = -1;
+    c->body_fd = -1;
+    c->listener = listener;
+    c->buf = malloc((size_t)lim->head_buffer_size);
+    c->hdrs = malloc(sizeof(blaze_header) * (size_t)lim->limit_request_fields);
+    c->ev_read = event_new(loop->base, fd, EV_READ | EV_PERSIST, on_read, c);
+    c->ev_write = event_new(loop->base, fd, EV_WRITE | EV_PERSIST, on_write, c);
+    c->ev_timer = evtimer_new(loop->base, on_timer, c);
+    if (!c->buf || !c->hdrs || !c->ev_read || !c->ev_write || !c->ev_timer)
+        goto fail;
+
+    if (sa->sa_family == AF_INET && salen >= (int)sizeof(struct sockaddr_in)) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+        inet_ntop(AF_INET, &in->sin_addr, c->remote_addr, sizeof(c->remote_addr));
+        snprintf(c->remote_port, sizeof(c->remote_port), "%u", ntohs(in->sin_port));
+    } else if (sa->sa_family == AF_INET6 && salen >= (int)sizeof(struct sockaddr_in6)) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+        inet_ntop(AF_INET6, &in6->sin6_addr, c->remote_addr, sizeof(c->remote_addr));
+        snprintf(c->remote_port, sizeof(c->remote_port), "%u", ntohs(in6->sin6_port));
+    } else {
+        c->is_unix = 1;
+    }
+    if (!c->is_unix) {
+        int one = 1;   /* responses go out whole; don't let Nagle hold the tail */
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    }
+    c->fd = fd;
+    c->id = ++loop->next_id;
+    c->state = CONN_HEAD;
+    http_request_reset(c);
+    read_on(c);
+    timer_set(c, TIMER_HEADER);
+    loop_conn_opened(loop, c);
+    return c;
+fail:
+    if (c->ev_read) event_free(c->ev_read);
+    if (c->ev_write) event_free(c->ev_write);
+    if (c->ev_timer) event_free(c->ev_timer);
+    free(c->hdrs);
+    free(c->buf);
+    free(c);
+    return NULL;
+}
+
+void conn_free(blaze_conn *c)
+{
+    blaze_loop *loop = c->loop;
+    if (c->py_stream) {
+        c->py_stream = 0;
+        blaze_py_abort(c->id);      /* Python closes the app's iterable */
+    }
+    if (loop->head_conn == c)
+        loop->head_conn = NULL;
+    event_free(c->ev_read);
+    event_free(c->ev_write);
+    event_free(c->ev_timer);
+    if (c->out)
+        evbuffer_free(c->out);
+    if (c->body_fd >= 0)
+        close(c->body_fd);
+    if (c->fd >= 0)
+        close(c->fd);
+    free(c->body);
+    free(c->hdrs);
+    free(c->buf);
+    loop_conn_closed(loop, c);
+    free(c);
+}
+
+/* The socket failed.  Never free here: a Python call may hold c.  The
+ * zero-delay timer frees it from the loop (or after_python does first). */
+void conn_broken(blaze_conn *c)
+{
+    if (c->state == CONN_DEAD)
+        return;
+    c->state = CONN_DEAD;
+    read_off(c);
+    write_off(c);
+    event_del(c->ev_timer);
+    c->timer = TIMER_NONE;
+    event_active(c->ev_timer, EV_TIMEOUT, 0);
+}
+
+/* Graceful stop: a connection between requests is closed now. */
+void conn_close_if_idle(blaze_conn *c)
+{
+    if (c->state == CONN_HEAD && c->len == c->start)
+        conn_free(c);
+}
+
+int conn_send(blaze_conn *c, const struct iovec *iov, int n)
+{
+    if (c->state == CONN_DEAD)
+        return BLAZE_ERR;
+    size_t total = 0, done = 0;
+    for (int i = 0; i < n; i++)
+        total += iov[i].iov_len;
+    if (total == 0)
+        return BLAZE_OK;
+    if (write_pending(c) == 0) {
+        ssize_t w;
+        do {
+            w = writev(c->fd, iov, n);
+        } while (w < 0 && errno == EINTR);
+        if (w < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                conn_broken(c);
+                return BLAZE_ERR;
+            }
+            w = 0;
+        }
+        done = (size_t)w;
+        if (done == total)
+            return BLAZE_OK;
+    }
+    if (c->out == NULL && (c->out = evbuffer_new()) == NULL) {
+        conn_broken(c);
+        return BLAZE_ERR;
+    }
+    for (int i = 0; i < n; i++) {
+        size_t len = iov[i].iov_len;
+        const char *base = iov[i].iov_base;
+        if (done >= len) {
+            done -= len;
+            continue;
+        }
+        if (evbuffer_add(c->out, base + done, len - done) != 0) {
+            conn_broken(c);
+            return BLAZE_ERR;
+        }
+        done = 0;
+    }
+    conn_want_write(c);
+    if (c->timer != TIMER_LINGER)
+        timer_set(c, TIMER_IO);
+    return BLAZE_OK;
+}
+
+/* Answer an HTTP error and close: the connection lingers, discarding what
+ * the client still sends, so it reads the answer instead of a reset. */
+void conn_send_error(blaze_conn *c, int status, const char *why)
+{
+    if (c->state == CONN_DEAD)
+        return;
+    if (c->resp_started || status == 0) {   /* nothing can be said any more */
+        conn_broken(c);
+        return;
+    }
+    const char *reason = write_reason(status);
+    char body[256], head[512];
+    int bl = snprintf(body, sizeof(body), "%d %s%s%s\n", status, reason,
+                      why && status != 500 ? ": " : "", why && status != 500 ? why : "");
+    if (bl < 0 || bl >= (int)sizeof(body))
+        bl = (int)sizeof(body) - 1;
+    int hl = snprintf(head, sizeof(head),
+                      "HTTP/1.1 %d %s\r\nServer: BlazeWSGI\r\n%s"
+                      "Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+                      "Connection: close\r\n\r\n",
+                      status, reason, blaze_date_header, bl);
+    if (hl < 0 || hl >= (int)sizeof(head))
+        hl = (int)sizeof(head) - 1;
+    struct iovec iov[2] = {{head, (size_t)hl}, {body, c->is_head ? 0 : (size_t)bl}};
+    if (c->loop->head_conn == c)
+        c->loop->head_conn = NULL;
+    if (conn_send(c, iov, 2) != BLAZE_OK)
+        return;
+    c->state = CONN_LINGER;
+    c->closing = 1;
+    read_on(c);
+    timer_set(c, TIMER_LINGER);
+    if (write_pending(c) == 0)
+        shutdown(c->fd, SHUT_WR);
+}
+
+/* The response is complete: drop the request's bytes, keep what follows. */
+static void response_done(blaze_conn *c)
+{
+    size_t consumed = c->scan;
+    if (c->len > consumed)
+        memmove(c->buf, c->buf + consumed, c->len - consumed);
+    c->len -= consumed;
+    c->start = 0;
+    if (c->resp_close || !c->keepalive || c->loop->stopping)
+        c->closing = 1;
+    c->served++;
+    http_request_reset(c);
+    c->state = CONN_DRAIN;
+}
+
+/* Act on what Python returned. 0: keep stepping; -1: stop (c may be gone). */
+static int after_python(blaze_conn *c, int rc)
+{
+    if (c->state == CONN_DEAD) {
+        conn_free(c);
+        return -1;
+    }
+    if (rc != BLAZE_PY_ERROR && write_flush_head(c) != BLAZE_OK)
+        return -1;
+    switch (rc) {
+    case BLAZE_PY_STREAM:
+        c->py_stream = 1;
+        c->state = CONN_STREAM;
+        read_off(c);
+        conn_want_write(c);
+        timer_set(c, TIMER_IO);
+        return -1;
+    case BLAZE_PY_DONE:
+        c->py_stream = 0;
+        response_done(c);
+        return 0;
+    default:
+        c->py_stream = 0;
+        if (c->loop->head_conn == c)
+            c->loop->head_conn = NULL;
+        if (c->resp_started)
+            conn_broken(c);   /* headers went out: closing is all we can do */
+        else
+            conn_send_error(c, 500, NULL);
+        return -1;
+    }
+}
+
+static int dispatch(blaze_conn *c)
+{
+    blaze_request req;
+    int st = http_build_environ(c, &req);
+    if (st != 0) {
+        conn_send_error(c, st, st == 400 ? "invalid request target" : NULL);
+        return -1;
+    }
+    c->state = CONN_APP;
+    return after_python(c, blaze_py_request(c, &req));
+}
+
+static void resume(blaze_conn *c)
+{
+    c->state = CONN_APP;
+    if (after_python(c, blaze_py_resume(c, c->id)) == 0)
+        conn_step(c);
+}
+
+static void conn_step(blaze_conn *c)
+{
+    static const char continue_100[] = "HTTP/1.1 100 Continue\r\n\r\n";
+    for (;;) {
+        int status = 0;
+        const char *why = NULL;
+        blaze_io r;
+        switch (c->state) {
+        case CONN_HEAD:
+            if (c->len == c->start) {              /* between requests */
+                c->len = c->start = 0;
+                http_request_reset(c);
+                timer_set(c, c->served ? TIMER_KEEPALIVE : TIMER_HEADER);
+                read_on(c);
+                return;
+            }
+            r = http_read_head(c, &status, &why);
+            if (r == IO_AGAIN) {
+                timer_set(c, TIMER_HEADER);
+                read_on(c);
+                return;
+            }
+            if (r == IO_CLOSE) {
+                conn_send_error(c, status, why);
+                return;
+            }
+            if (c->body_kind == BODY_NONE) {
+                if (dispatch(c) != 0)
+                    return;
+                break;
+            }
+            c->state = CONN_BODY;
+            if (c->expect_continue && c->scan == c->len) {
+                struct iovec iov = {(void *)continue_100, sizeof(continue_100) - 1};
+                if (conn_send(c, &iov, 1) != BLAZE_OK)
+                    return;
+            }
+            timer_set(c, TIMER_IO);
+            break;
+        case CONN_BODY:
+            r = http_read_body(c, &status, &why);
+            if (r == IO_AGAIN) {
+                timer_set(c, TIMER_IO);
+                read_on(c);
+                return;
+            }
+            if (r == IO_CLOSE) {
+                conn_send_error(c, status, why);
+                return;
+            }
+            if (dispatch(c) != 0)
+                return;
+            break;
+        case CONN_DRAIN:
+            if (write_pending(c) > 0) {            /* on_write steps again when drained */
+                read_off(c);
+                return;
+            }
+            if (c->closing) {
+                if (c->len > 0) {                  /* unread input: linger, don't reset */
+                    c->state = CONN_LINGER;
+                    shutdown(c->fd, SHUT_WR);
+                    read_on(c);
+                    timer_set(c, TIMER_LINGER);
+                } else {
+                    conn_free(c);
+                }
+                return;
+            }
+            c->state = CONN_HEAD;
+            break;
+        case CONN_APP:
+        case CONN_STREAM:
+        case CONN_LINGER:
+        case CONN_DEAD:
+        default:
+            return;
+        }
+    }
+}
+
+static void on_read(evutil_socket_t fd, short what, void *arg)
+{
+    blaze_conn *c = arg;
+    (void)what;
+    size_t cap = (size_t)c->loop->lim.head_buffer_size;
+    if (c->state == CONN_LINGER) {
+        for (;;) {
+            ssize_t n = recv(fd, c->buf, cap, 0);
+            if (n > 0)
+                continue;
+            if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+                return;
+            conn_free(c);
+            return;
+        }
+    }
+    if (c->state != CONN_HEAD && c->state != CONN_BODY) {
+        read_off(c);
+        return;
+    }
+    if (c->len >= cap) {      /* the scanner answers 431 before this; belt and braces */
+        conn_send_error(c, 431, "request header section too large");
+        return;
+    }
+    ssize_t n = recv(fd, c->buf + c->len, cap - c->len, 0);
+    if (n > 0) {
+        c->len += (size_t)n;
+        conn_step(c);
+    } else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+        conn_free(c);         /* the client went away; nothing to answer */
+    }
+}
+
+static void on_write(evutil_socket_t fd, short what, void *arg)
+{
+    blaze_conn *c = arg;
+    (void)what;
+    if (write_pending(c) > 0) {
+        int n = evbuffer_write(c->out, fd);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+                return;
+            conn_free(c);
+            return;
+        }
+        if (c->timer != TIMER_LINGER)
+            timer_set(c, TIMER_IO);
+        long long left = write_pending(c);
+        if (c->state == CONN_STREAM && left < BLAZE_OUT_HIGH / 4) {
+            resume(c);        /* keep the socket fed while the tail drains */
+            return;
+        }
+        if (left > 0)
+            return;
+    }
+    write_off(c);
+    switch (c->state) {
+    case CONN_STREAM:
+        resume(c);
+        break;
+    case CONN_DRAIN:
+        conn_step(c);
+        break;
+    case CONN_LINGER:
+        shutdown(c->fd, SHUT_WR);
+        break;
+    default:
+        break;
+    }
+}
+
+static void on_timer(evutil_socket_t fd, short what, void *arg)
+{
+    blaze_conn *c = arg;
+    (void)fd;
+    (void)what;
+    /* Every timer ends the connection: a head too slow (slowloris), an idle
+     * keep-alive, a stalled body or reader, the end of lingering, or a
+     * connection already broken (conn_broken). */
+    conn_free(c);
+}

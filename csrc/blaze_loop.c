@@ -1,0 +1,274 @@
+/* The loop of one worker: event base, listeners, signals, timers, run/stop.
+ *
+ * Signals in a worker belong to this loop (libevent signal events): the
+ * Python code of a worker runs only inside request callbacks, so a Python
+ * signal handler would not run while the loop waits.
+ *   SIGTERM          graceful stop: stop accepting, close idle connections,
+ *                    finish in-flight requests, bounded by graceful_timeout.
+ *   SIGINT, SIGQUIT  fast stop: leave the loop now.
+ * A one-second tick refreshes the Date header and notices a dead master.
+ */
+#include "blaze.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/socket.h>
+
+typedef struct {
+    blaze_loop *loop;
+    int index;
+} listener_ctx;
+
+/* Listener contexts live beside the loop; one loop per process. */
+static listener_ctx listener_ctxs[BLAZE_MAX_LISTENERS];
+
+static void set_accepting(blaze_loop *loop, int on)
+{
+    if (loop->accepting == on)
+        return;
+    for (int i = 0; i < loop->nlisteners; i++) {
+        if (on)
+            evconnlistener_enable(loop->listeners[i]);
+        else
+            evconnlistener_disable(loop->listeners[i]);
+    }
+    loop->accepting = on;
+}
+
+static void on_accept(struct evconnlistener *l, evutil_socket_t fd,
+                      struct sockaddr *sa, int salen, void *arg)
+{
+    listener_ctx *ctx = arg;
+    (void)l;
+    if (conn_new(ctx->loop, fd, ctx->index, sa, salen) == NULL)
+        close(fd);      /* out of memory: refuse this one, keep serving */
+}
+
+static void on_accept_error(struct evconnlistener *l, void *arg)
+{
+    int err = EVUTIL_SOCKET_ERROR();
+    (void)l;
+    (void)arg;
+    /* EMFILE and friends: libevent retries on the next readiness. */
+    fprintf(stderr, "blazewsgi: accept failed: %s\n", evutil_socket_error_to_string(err));
+}
+
+void loop_conn_opened(blaze_loop *loop, blaze_conn *c)
+{
+    c->next = loop->conns;
+    c->prev = NULL;
+    if (loop->conns)
+        loop->conns->prev = c;
+    loop->conns = c;
+    loop->nconns++;
+    if (loop->nconns >= loop->lim.max_connections)
+        set_accepting(loop, 0);
+}
+
+void loop_conn_closed(blaze_loop *loop, blaze_conn *c)
+{
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        loop->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    loop->nconns--;
+    if (!loop->stopping && loop->nconns < loop->lim.max_connections)
+        set_accepting(loop, 1);
+    loop_maybe_exit(loop);
+}
+
+void loop_maybe_exit(blaze_loop *loop)
+{
+    if (loop->stopping && loop->nconns == 0)
+        event_base_loopexit(loop->base, NULL);
+}
+
+int loop_scratch_reserve(blaze_loop *loop, size_t need)
+{
+    if (need <= loop->scratch_cap)
+        return BLAZE_OK;
+    size_t cap = loop->scratch_cap ? loop->scratch_cap : 4096;
+    while (cap < need)
+        cap *= 2;
+    char *p = realloc(loop->scratch, cap);
+    if (p == NULL)
+        return BLAZE_ERR;
+    loop->scratch = p;
+    loop->scratch_cap = cap;
+    return BLAZE_OK;
+}
+
+static void stop_graceful(blaze_loop *loop)
+{
+    if (loop->stopping)
+        return;
+    loop->stopping = 1;
+    set_accepting(loop, 0);
+    /* conn_close_if_idle may free the connection: fetch next first. */
+    for (blaze_conn *c = loop->conns, *next; c; c = next) {
+        next = c->next;
+        conn_close_if_idle(c);
+    }
+    struct timeval tv;
+    tv.tv_sec = (time_t)loop->lim.graceful_timeout;
+    tv.tv_usec = (suseconds_t)((loop->lim.graceful_timeout - (double)tv.tv_sec) * 1e6);
+    evtimer_add(loop->grace, &tv);
+    loop_maybe_exit(loop);
+}
+
+static void on_signal(evutil_socket_t sig, short what, void *arg)
+{
+    blaze_loop *loop = arg;
+    (void)what;
+    if (sig == SIGTERM) {
+        stop_graceful(loop);
+    } else {
+        loop->exit_code = 0;
+        event_base_loopbreak(loop->base);
+    }
+}
+
+static void on_grace_over(evutil_socket_t fd, short what, void *arg)
+{
+    blaze_loop *loop = arg;
+    (void)fd;
+    (void)what;
+    fprintf(stderr, "blazewsgi: graceful timeout: closing %d connection(s)\n", loop->nconns);
+    event_base_loopbreak(loop->base);
+}
+
+static void on_tick(evutil_socket_t fd, short what, void *arg)
+{
+    blaze_loop *loop = arg;
+    (void)fd;
+    (void)what;
+    write_update_date();
+    if (loop->lim.parent_pid > 0 && getppid() != loop->lim.parent_pid)
+        stop_graceful(loop);     /* orphaned: the master is gone */
+}
+
+static const struct timeval *common_timeout(struct event_base *base, double seconds)
+{
+    struct timeval tv;
+    tv.tv_sec = (time_t)seconds;
+    tv.tv_usec = (suseconds_t)((seconds - (double)tv.tv_sec) * 1e6);
+    return event_base_init_common_timeout(base, &tv);
+}
+
+blaze_loop *blaze_loop_new(const blaze_limits *limits, char *err, size_t errlen)
+{
+    blaze_loop *loop = calloc(1, sizeof(*loop));
+    if (loop == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    loop->lim = *limits;
+    loop->lim.tmp_dir = NULL;
+    signal(SIGPIPE, SIG_IGN);   /* a vanished client is an EPIPE, not a dead worker */
+    if (limits->head_buffer_size < 256 || limits->limit_request_fields < 1 ||
+        limits->max_connections < 1) {
+        snprintf(err, errlen, "invalid limits (head_buffer_size >= 256, fields >= 1, connections >= 1)");
+        goto fail;
+    }
+    loop->lim.tmp_dir = strdup(limits->tmp_dir ? limits->tmp_dir : "/tmp");
+    loop->base = event_base_new();
+    if (loop->lim.tmp_dir == NULL || loop->base == NULL) {
+        snprintf(err, errlen, "cannot create the event base");
+        goto fail;
+    }
+    loop->tv_header = common_timeout(loop->base, limits->header_timeout);
+    loop->tv_keepalive = common_timeout(loop->base, limits->keepalive_timeout);
+    loop->tv_io = common_timeout(loop->base, limits->io_timeout);
+    loop->tv_linger = common_timeout(loop->base, 2.0);
+    loop->sig_term = evsignal_new(loop->base, SIGTERM, on_signal, loop);
+    loop->sig_int = evsignal_new(loop->base, SIGINT, on_signal, loop);
+    loop->sig_quit = evsignal_new(loop->base, SIGQUIT, on_signal, loop);
+    loop->tick = event_new(loop->base, -1, EV_PERSIST, on_tick, loop);
+    loop->grace = evtimer_new(loop->base, on_grace_over, loop);
+    if (!loop->sig_term || !loop->sig_int || !loop->sig_quit || !loop->tick || !loop->grace ||
+        !loop->tv_header || !loop->tv_keepalive || !loop->tv_io || !loop->tv_linger) {
+        snprintf(err, errlen, "cannot create loop events");
+        goto fail;
+    }
+    struct timeval one = {1, 0};
+    if (evsignal_add(loop->sig_term, NULL) || evsignal_add(loop->sig_int, NULL) ||
+        evsignal_add(loop->sig_quit, NULL) || event_add(loop->tick, &one)) {
+        snprintf(err, errlen, "cannot register signal handlers");
+        goto fail;
+    }
+    if (loop_scratch_reserve(loop, 8192) != BLAZE_OK) {
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
+    http_settings_init(&loop->settings);
+    loop->accepting = 1;
+    write_update_date();
+    return loop;
+fail:
+    blaze_loop_free(loop);
+    return NULL;
+}
+
+int blaze_loop_listen(blaze_loop *loop, int fd, char *err, size_t errlen)
+{
+    if (loop->nlisteners >= BLAZE_MAX_LISTENERS) {
+        snprintf(err, errlen, "too many sockets (at most %d)", BLAZE_MAX_LISTENERS);
+        return BLAZE_ERR;
+    }
+    int i = loop->nlisteners;
+    if (evutil_make_socket_nonblocking(fd) != 0) {   /* else accept() blocks the loop */
+        snprintf(err, errlen, "cannot make fd %d non-blocking: %s", fd, strerror(errno));
+        return BLAZE_ERR;
+    }
+    listener_ctxs[i].loop = loop;
+    listener_ctxs[i].index = i;
+    /* backlog 0: the master already called listen(); the fd stays the master's. */
+    struct evconnlistener *l = evconnlistener_new(loop->base, on_accept, &listener_ctxs[i],
+                                                  LEV_OPT_CLOSE_ON_EXEC, 0, fd);
+    if (l == NULL) {
+        snprintf(err, errlen, "cannot listen on fd %d: %s", fd, strerror(errno));
+        return BLAZE_ERR;
+    }
+    evconnlistener_set_error_cb(l, on_accept_error);
+    if (!loop->accepting)
+        evconnlistener_disable(l);
+    loop->listeners[i] = l;
+    loop->nlisteners++;
+    return i;
+}
+
+int blaze_loop_run(blaze_loop *loop)
+{
+    write_update_date();
+    if (event_base_dispatch(loop->base) < 0)
+        return 1;
+    /* Fast stop or graceful timeout: whatever is left is closed now. */
+    while (loop->conns)
+        conn_free(loop->conns);
+    return loop->exit_code;
+}
+
+void blaze_loop_free(blaze_loop *loop)
+{
+    if (loop == NULL)
+        return;
+    while (loop->conns)
+        conn_free(loop->conns);
+    for (int i = 0; i < loop->nlisteners; i++)
+        evconnlistener_free(loop->listeners[i]);
+    if (loop->sig_term) event_free(loop->sig_term);
+    if (loop->sig_int) event_free(loop->sig_int);
+    if (loop->sig_quit) event_free(loop->sig_quit);
+    if (loop->tick) event_free(loop->tick);
+    if (loop->grace) event_free(loop->grace);
+    if (loop->base) event_base_free(loop->base);
+    free(loop->scratch);
+    free((char *)loop->lim.tmp_dir);
+    free(loop);
+}

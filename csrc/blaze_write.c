@@ -1,0 +1,374 @@
+/* Responses: status line, headers, framing (Content-Length, chunked or
+ * close-delimited), the Date header, and sendfile for file bodies.
+ *
+ * A framed head waits in loop->head until the first body bytes (or the
+ * end of the response), so head and body leave in one writev: PEP 3333
+ * also says headers must not go out before the first non-empty chunk.
+ */
+#include "blaze.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+#include <unistd.h>
+
+char blaze_date_header[64];
+
+void write_update_date(void)
+{
+    static const char days[7][4] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
+    static const char months[12][4] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
+                                       "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+    time_t now = time(NULL);
+    struct tm tm;
+    gmtime_r(&now, &tm);
+    snprintf(blaze_date_header, sizeof(blaze_date_header),
+             "Date: %s, %02d %s %04d %02d:%02d:%02d GMT\r\n",
+             days[tm.tm_wday % 7], tm.tm_mday, months[tm.tm_mon % 12], tm.tm_year + 1900,
+             tm.tm_hour, tm.tm_min, tm.tm_sec);
+}
+
+const char *write_reason(int status)
+{
+    switch (status) {
+    case 400: return "Bad Request";
+    case 408: return "Request Timeout";
+    case 413: return "Content Too Large";
+    case 414: return "URI Too Long";
+    case 417: return "Expectation Failed";
+    case 431: return "Request Header Fields Too Large";
+    case 500: return "Internal Server Error";
+    case 501: return "Not Implemented";
+    case 503: return "Service Unavailable";
+    case 505: return "HTTP Version Not Supported";
+    default: return "Error";
+    }
+}
+
+long long write_pending(blaze_conn *c)
+{
+    return c->out ? (long long)evbuffer_get_length(c->out) : 0;
+}
+
+static int name_eq(const char *a, size_t n, const char *lit, size_t ln)
+{
+    return n == ln && strncasecmp(a, lit, n) == 0;
+}
+
+/* Does a Connection header value carry the "close" token? */
+static int has_close_token(const char *v, size_t n)
+{
+    for (size_t i = 0; i + 5 <= n; i++) {
+        if (strncasecmp(v + i, "close", 5) == 0 &&
+            (i == 0 || v[i - 1] == ',' || v[i - 1] == ' ' || v[i - 1] == '\t') &&
+            (i + 5 == n || v[i + 5] == ',' || v[i + 5] == ' ' || v[i + 5] == '\t'))
+            return 1;
+    }
+    return 0;
+}
+
+#define PUT(p, s, n) do { memcpy((p), (s), (n)); (p) += (n); } while (0)
+#define PUT_LIT(p, s) PUT(p, s, sizeof(s) - 1)
+#define BAD(...) do { snprintf(err, errlen, __VA_ARGS__); return BLAZE_ERR; } while (0)
+
+/* Validate and frame status + headers into loop->head. */
+static int frame_head(blaze_conn *c, const char *status, size_t slen, const char *hdrs,
+                      size_t hlen, int nhdrs, long long body_len, char *err, size_t errlen)
+{
+    blaze_loop *loop = c->loop;
+    if (c->state == CONN_DEAD)
+        BAD("client disconnected");
+    if (c->resp_started)
+        BAD("response already started");
+    if (slen < 3 || status[0] < '1' || status[0] > '5' || status[1] < '0' || status[1] > '9' ||
+        status[2] < '0' || status[2] > '9' || (slen > 3 && status[3] != ' '))
+        BAD("invalid status line %.40s (want \"200 OK\")", status);
+    for (size_t i = 4; i < slen; i++)
+        if (!blaze_field_char((unsigned char)status[i]))
+            BAD("invalid character in status line");
+    int code = (status[0] - '0') * 100 + (status[1] - '0') * 10 + (status[2] - '0');
+    if (nhdrs < 0 || (nhdrs == 0 && hlen != 0))
+        BAD("malformed header list");
+
+    size_t need = 16 + slen + hlen + 4 * (size_t)nhdrs + 256;
+    if (need > loop->head_cap) {
+        size_t cap = loop->head_cap ? loop->head_cap : 4096;
+        while (cap < need)
+            cap *= 2;
+        char *h = realloc(loop->head, cap);
+        if (h == NULL)
+            BAD("out of memory");
+        loop->head = h;
+        loop->head_cap = cap;
+    }
+    char *p = loop->head;
+    PUT_LIT(p, "HTTP/1.1 ");
+    PUT(p, status, slen);
+    PUT_LIT(p, "\r\n");
+
+    int have_server = 0, have_date = 0, conn_close = 0;
+    long long cl = -1;
+    const char *h = hdrs, *end = hdrs + hlen;
+    for (int i = 0; i < nhdrs; i++) {
+        const char *name = h;
+        const char *z = memchr(h, '\0', (size_t)(end - h));
+        if (z == NULL)
+            BAD("malformed header list");
+        size_t nl = (size_t)(z - name);
+        const char *val = z + 1;
+        z = memchr(val, '\0', (size_t)(end - val));
+        if ((i == nhdrs - 1) != (z == NULL))
+            BAD("malformed header list (each header must be a (name, value) pair)");
+        size_t vl = z ? (size_t)(z - val) : (size_t)(end - val);
+        h = z ? z + 1 : end;
+        if (nl == 0)
+            BAD("empty header name");
+        for (size_t k = 0; k < nl; k++)
+            if (!blaze_tchar[(unsigned char)name[k]])
+                BAD("invalid header name %.*s", (int)(nl > 60 ? 60 : nl), name);
+        for (size_t k = 0; k < vl; k++)
+            if (!blaze_field_char((unsigned char)val[k]))
+                BAD("invalid character in the value of header %.*s", (int)(nl > 60 ? 60 : nl), name);
+        int drop = 0;
+        switch (nl) {
+        case 2: drop = name_eq(name, nl, "te", 2); break;
+        case 4: have_date |= name_eq(name, nl, "date", 4); break;
+        case 6: have_server |= name_eq(name, nl, "server", 6); break;
+        case 7: drop = name_eq(name, nl, "upgrade", 7) || name_eq(name, nl, "trailer", 7); break;
+        case 10:
+            if (name_eq(name, nl, "connection", 10)) {
+                conn_close |= has_close_token(val, vl);
+                drop = 1;
+            } else {
+                drop = name_eq(name, nl, "keep-alive", 10);
+            }
+            break;
+        case 14:
+            if (name_eq(name, nl, "content-length", 14)) {
+                if (cl >= 0)
+                    BAD("several Content-Length headers");
+                if (vl == 0 || vl > 18)
+                    BAD("invalid Content-Length %.*s", (int)(vl > 20 ? 20 : vl), val);
+                cl = 0;
+                for (size_t k = 0; k < vl; k++) {
+                    if (val[k] < '0' || val[k] > '9')
+                        BAD("invalid Content-Length %.*s", (int)(vl > 20 ? 20 : vl), val);
+                    cl = cl * 10 + (val[k] - '0');
+                }
+            }
+            break;
+        case 16: drop = name_eq(name, nl, "proxy-connection", 16); break;
+        case 17: drop = name_eq(name, nl, "transfer-encoding", 17); break;
+        default: break;
+        }
+        if (drop)
+            continue;   /* hop-by-hop headers are the server's to send */
+        PUT(p, name, nl);
+        PUT_LIT(p, ": ");
+        PUT(p, val, vl);
+        PUT_LIT(p, "\r\n");
+    }
+    if (h != end)
+        BAD("malformed header list (more fields than headers)");
+    if (!have_server)
+        PUT_LIT(p, "Server: BlazeWSGI\r\n");
+    if (!have_date)
+        PUT(p, blaze_date_header, strlen(blaze_date_header));
+
+    int no_body_status = code < 200 || code == 204 || code == 304;
+    c->resp_nobody = c->is_head || no_body_status;
+    c->resp_chunked = 0;
+    c->resp_left = -1;
+    if (conn_close)
+        c->resp_close = 1;
+    if (no_body_status) {
+        c->resp_left = 0;
+    } else if (cl >= 0) {
+        c->resp_left = cl;
+    } else if (body_len >= 0) {
+        p += sprintf(p, "Content-Length: %lld\r\n", body_len);
+        c->resp_left = body_len;
+    } else if (c->is_head) {
+        c->resp_left = 0;
+    } else if (!c->http10) {
+        PUT_LIT(p, "Transfer-Encoding: chunked\r\n");
+        c->resp_chunked = 1;
+    } else {
+        c->resp_close = 1;        /* HTTP/1.0 and no length: the close ends the body */
+    }
+    if (!c->keepalive || c->resp_close || loop->stopping) {
+        c->resp_close = 1;
+        if (!c->http10)
+            PUT_LIT(p, "Connection: close\r\n");
+    } else if (c->http10) {
+        PUT_LIT(p, "Connection: keep-alive\r\n");
+    }
+    PUT_LIT(p, "\r\n");
+    loop->head_len = (size_t)(p - loop->head);
+    loop->head_conn = c;
+    c->resp_started = 1;
+    return BLAZE_OK;
+}
+
+/* Put the pending head (if it is c's) first in iov; returns the count used. */
+static int take_head(blaze_conn *c, struct iovec *iov)
+{
+    blaze_loop *loop = c->loop;
+    if (loop->head_conn != c)
+        return 0;
+    loop->head_conn = NULL;
+    iov->iov_base = loop->head;
+    iov->iov_len = loop->head_len;
+    return 1;
+}
+
+int write_flush_head(blaze_conn *c)
+{
+    struct iovec iov;
+    if (take_head(c, &iov) == 0)
+        return BLAZE_OK;
+    return conn_send(c, &iov, 1);
+}
+
+/* How much of len the framing allows; notes a short or long body. */
+static size_t body_allow(blaze_conn *c, size_t len)
+{
+    if (c->resp_nobody)
+        return 0;
+    if (c->resp_left < 0)
+        return len;
+    if ((long long)len > c->resp_left)
+        len = (size_t)c->resp_left;   /* more than its Content-Length: the rest is dropped */
+    c->resp_left -= (long long)len;
+    return len;
+}
+
+int blaze_resp_start(blaze_conn *c, const char *status, size_t status_len,
+                     const char *hdrs, size_t hdrs_len, int nhdrs,
+                     long long body_len, char *err, size_t errlen)
+{
+    return frame_head(c, status, status_len, hdrs, hdrs_len, nhdrs, body_len, err, errlen);
+}
+
+long long blaze_resp_write(blaze_conn *c, const char *data, size_t len)
+{
+    if (c->state == CONN_DEAD || !c->resp_started)
+        return -1;
+    struct iovec iov[4];
+    char sizeline[24];
+    int n = take_head(c, iov);
+    len = body_allow(c, len);
+    if (len > 0) {
+        if (c->resp_chunked) {
+            int k = snprintf(sizeline, sizeof(sizeline), "%zx\r\n", len);
+            iov[n].iov_base = sizeline;
+            iov[n++].iov_len = (size_t)k;
+        }
+        iov[n].iov_base = (void *)data;
+        iov[n++].iov_len = len;
+        if (c->resp_chunked) {
+            iov[n].iov_base = (void *)"\r\n";
+            iov[n++].iov_len = 2;
+        }
+    }
+    if (n > 0 && conn_send(c, iov, n) != BLAZE_OK)
+        return -1;
+    return write_pending(c);
+}
+
+long long blaze_resp_file(blaze_conn *c, int fd, long long offset, long long len)
+{
+    if (c->state == CONN_DEAD || !c->resp_started || write_flush_head(c) != BLAZE_OK) {
+        close(fd);
+        return -1;
+    }
+    size_t allow = body_allow(c, len > 0 ? (size_t)len : 0);
+    if (allow == 0) {
+        close(fd);
+        return write_pending(c);
+    }
+    if (c->out == NULL && (c->out = evbuffer_new()) == NULL) {
+        close(fd);
+        conn_broken(c);
+        return -1;
+    }
+    if (c->resp_chunked && evbuffer_add_printf(c->out, "%zx\r\n", allow) < 0) {
+        close(fd);
+        conn_broken(c);
+        return -1;
+    }
+    /* evbuffer_add_file takes fd and sends it with sendfile(2). */
+    if (evbuffer_add_file(c->out, fd, offset, (ev_off_t)allow) != 0) {
+        conn_broken(c);
+        return -1;
+    }
+    if (c->resp_chunked && evbuffer_add(c->out, "\r\n", 2) != 0) {
+        conn_broken(c);
+        return -1;
+    }
+    conn_want_write(c);
+    return write_pending(c);
+}
+
+long long blaze_resp_flush(blaze_conn *c, long long below)
+{
+    int ms = (int)(c->loop->lim.io_timeout * 1000.0);
+    while (c->state != CONN_DEAD && write_pending(c) > below) {
+        int n = evbuffer_write(c->out, c->fd);
+        if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+            conn_broken(c);
+            return -1;
+        }
+        if (write_pending(c) <= below)
+            break;
+        struct pollfd pfd = {c->fd, POLLOUT, 0};
+        int r = poll(&pfd, 1, ms);
+        if (r == 0 || (r < 0 && errno != EINTR)) {
+            conn_broken(c);   /* the client stopped reading */
+            return -1;
+        }
+    }
+    return c->state == CONN_DEAD ? -1 : write_pending(c);
+}
+
+int blaze_resp_finish(blaze_conn *c)
+{
+    if (c->state == CONN_DEAD || !c->resp_started)
+        return BLAZE_ERR;
+    struct iovec iov[2];
+    int n = take_head(c, iov);
+    if (c->resp_chunked && !c->resp_nobody) {
+        iov[n].iov_base = (void *)"0\r\n\r\n";
+        iov[n++].iov_len = 5;
+    }
+    if (c->resp_left > 0 && !c->resp_nobody)
+        c->resp_close = 1;   /* shorter than its Content-Length: only a close can tell */
+    return n > 0 ? conn_send(c, iov, n) : BLAZE_OK;
+}
+
+int blaze_resp_simple(blaze_conn *c, const char *status, size_t status_len,
+                      const char *hdrs, size_t hdrs_len, int nhdrs,
+                      const char *body, size_t body_len, char *err, size_t errlen)
+{
+    if (frame_head(c, status, status_len, hdrs, hdrs_len, nhdrs, (long long)body_len,
+                   err, errlen) != BLAZE_OK)
+        return BLAZE_ERR;
+    struct iovec iov[2];
+    int n = take_head(c, iov);
+    size_t len = body_allow(c, body_len);
+    if (len > 0) {
+        iov[n].iov_base = (void *)body;
+        iov[n++].iov_len = len;
+    }
+    if (c->resp_left > 0 && !c->resp_nobody)
+        c->resp_close = 1;
+    if (conn_send(c, iov, n) != BLAZE_OK) {
+        snprintf(err, errlen, "client disconnected");
+        return BLAZE_ERR;
+    }
+    return BLAZE_OK;
+}
