@@ -171,16 +171,16 @@ SETTINGS = [
             "Ceiling for worker scaling; empty means equal to min_workers.",
             cli=("--max-workers",), example="4", metavar="N"),
     Setting("ssl", _bool, False, "Serve HTTPS with OpenSSL (needs ssl_certfile and ssl_keyfile).",
-            later="TLS (issue 5): this version refuses ssl=true rather than serve plain HTTP"),
+            later="TLS support (this version refuses ssl=true rather than serve plain HTTP)"),
     Setting("metrics_port", _int(0, 65535), 0,
             "Port of the Prometheus metrics endpoint on metrics_bind; 0 turns it off.",
-            later="metrics (issue 4)"),
+            later="the metrics endpoint"),
     Setting("rate_limit", _int(0), 0, "Most requests one client may make per minute; 0 turns it off.",
-            later="rate limiting (issue 4)"),
+            later="rate limiting"),
     Setting("scale_threshold_high", _float(0.0), 1000.0,
-            "Requests/second (server-wide) above which a worker is added.", later="scaling (issue 3)"),
+            "Requests/second (server-wide) above which a worker is added.", later="dynamic worker scaling"),
     Setting("scale_threshold_low", _float(0.0), 200.0,
-            "Requests/second below which a worker is removed.", later="scaling (issue 3)"),
+            "Requests/second below which a worker is removed.", later="dynamic worker scaling"),
     Setting("log_dir", _str, None,
             "Directory for daily log files YYYY-MM-DD.log; empty logs to stderr.",
             cli=("--log-dir",), is_path=True, example="", metavar="DIR"),
@@ -192,13 +192,13 @@ SETTINGS = [
             "Seconds a graceful stop (SIGTERM) waits for in-flight requests.", cli=("--graceful-timeout",)),
     Setting("timeout", _float(0.0), 30.0,
             "Seconds one request may run before its worker counts as hung.", cli=("--timeout", "-t"),
-            later="health checks (issue 3)"),
+            later="worker health checks"),
     Setting("max_requests", _int(0), 0, "Recycle a worker after this many requests; 0 never.",
-            later="health checks (issue 3)"),
+            later="worker health checks"),
     Setting("max_requests_jitter", _int(0), 0, "Random extra requests added to max_requests per worker.",
-            later="health checks (issue 3)"),
+            later="worker health checks"),
     Setting("threads", _int(1, 1024), 1, "Threads per worker calling the app (1: on the loop thread).",
-            cli=("--threads",), later="thread pool (issue 6)"),
+            cli=("--threads",), later="the per-worker thread pool"),
     Setting("pid_file", _str, None, "Write the master's pid to this file.", cli=("--pid",),
             is_path=True, metavar="FILE", example=""),
     # --- HTTP limits ---
@@ -224,23 +224,23 @@ SETTINGS = [
     # --- logging ---
     Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "Server log level.",
             cli=("--log-level",)),
-    Setting("access_log", _bool, True, "Write a line per request.", later="access log (issue 4)"),
+    Setting("access_log", _bool, True, "Write a line per request.", later="the access log"),
     # --- capabilities of later versions, validated now ---
     Setting("metrics_bind", _str, "127.0.0.1", "Address the metrics endpoint binds to.",
-            later="metrics (issue 4)"),
+            later="the metrics endpoint"),
     Setting("forwarded_allow_ips", _list, ["127.0.0.1", "::1"],
             "Peers whose X-Forwarded-For / X-Real-IP is trusted (Unix socket peers always are).",
-            later="client address resolution (issue 4)"),
-    Setting("ssl_certfile", _str, None, "PEM certificate chain.", is_path=True, later="TLS (issue 5)", example=""),
-    Setting("ssl_keyfile", _str, None, "PEM private key.", is_path=True, later="TLS (issue 5)", example=""),
-    Setting("ssl_password", _str, None, "Password of an encrypted ssl_keyfile.", later="TLS (issue 5)", example=""),
+            later="forwarded client addresses"),
+    Setting("ssl_certfile", _str, None, "PEM certificate chain.", is_path=True, later="TLS support", example=""),
+    Setting("ssl_keyfile", _str, None, "PEM private key.", is_path=True, later="TLS support", example=""),
+    Setting("ssl_password", _str, None, "Password of an encrypted ssl_keyfile.", later="TLS support", example=""),
     Setting("ssl_ca_certs", _str, None, "CA bundle for client certificates (mutual TLS).", is_path=True,
-            later="TLS (issue 5)", example=""),
+            later="TLS support", example=""),
     Setting("ssl_verify_client", _bool, False, "Require a client certificate signed by ssl_ca_certs.",
-            later="TLS (issue 5)"),
-    Setting("ssl_ciphers", _str, None, "OpenSSL cipher list for TLS 1.2.", later="TLS (issue 5)", example=""),
+            later="TLS support"),
+    Setting("ssl_ciphers", _str, None, "OpenSSL cipher list for TLS 1.2.", later="TLS support", example=""),
     Setting("ssl_min_version", _choice("tlsv1.2", "tlsv1.3"), "tlsv1.2", "Oldest TLS version accepted.",
-            later="TLS (issue 5)"),
+            later="TLS support"),
 ]
 
 BY_NAME = {s.name: s for s in SETTINGS}
@@ -365,14 +365,15 @@ def _looks_like_file(app):
 
 def example_ini():
     """The text of config.ini.example, generated from SETTINGS."""
-    out = ["# BlazeWSGI configuration: every setting, with its default.",
+    out = ["# BlazeWSGI configuration: every setting, with its default (or an example value,",
+           "# then the default is named).  Serves the bundled demo app on 127.0.0.1:8000.",
            "# Generated from blazewsgi/config.py (python -m blazewsgi.config > config.ini.example).",
            "# Paths are relative to this file's directory.", "", f"[{SECTION}]"]
     for st in SETTINGS:
         out.append("")
         text = st.help
         if st.later:
-            text += f" [Accepted and validated now; used from: {st.later}.]"
+            text += f" [Accepted and validated now; takes effect with {st.later}.]"
         line = "# "
         for word in text.split():
             if len(line) + len(word) > 78:
@@ -380,13 +381,26 @@ def example_ini():
                 line = "# "
             line += word + " "
         out.append(line.rstrip())
+        value = st.example if st.example is not None else _fmt_default(st)
+        if value != _fmt_default(st):
+            out.append(f"# Default: {_fmt_default(st) or '(none)'}")
         if st.cli:
             out.append(f"# Command line: {' / '.join(st.cli)}")
-        value = st.example if st.example is not None else _fmt_default(st)
         out.append(f"{st.name} = {value}")
     return "\n".join(out) + "\n"
 
 
+def markdown_reference():
+    """The README's configuration table, generated from SETTINGS."""
+    rows = ["| key | default | command line | meaning |", "|---|---|---|---|"]
+    for st in SETTINGS:
+        default = _fmt_default(st) or "(none)"
+        text = st.help + (f" *Accepted and validated now; takes effect with {st.later}.*" if st.later else "")
+        rows.append(f"| `{st.name}` | `{default}` | {' '.join(f'`{c}`' for c in st.cli)} | "
+                    f"{text.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
+
+
 if __name__ == "__main__":
     import sys
-    sys.stdout.write(example_ini())
+    sys.stdout.write(markdown_reference() if "--markdown" in sys.argv else example_ini())

@@ -79,6 +79,10 @@ def setup(app, listeners, multiprocess):
             "wsgi.file_wrapper": FileWrapper,
             "wsgi.input_terminated": True,
             "SCRIPT_NAME": "",
+            # Defaults C leaves out when they hold (see http_build_environ).
+            "REQUEST_METHOD": "GET",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "QUERY_STRING": "",
             "SERVER_SOFTWARE": SERVER_SOFTWARE,
             "SERVER_NAME": lst.server_name,
             "SERVER_PORT": lst.server_port,
@@ -94,10 +98,35 @@ def _c_error():
     return ffi.string(_errbuf).decode("latin-1", "replace")
 
 
-class _Response:
-    __slots__ = ("conn", "status", "headers", "sent", "result", "it", "input")
+class _EmptyInput:
+    """wsgi.input of a request without a body: stateless, so one is shared."""
+    __slots__ = ()
 
-    def __init__(self, conn):
+    def read(self, size=-1):
+        return b""
+
+    def readline(self, size=-1):
+        return b""
+
+    def readlines(self, hint=-1):
+        return []
+
+    def __iter__(self):
+        return iter(())
+
+
+_EMPTY_INPUT = _EmptyInput()
+
+
+class _Response:
+    """One request's response state; reused across requests (see _spare)."""
+    __slots__ = ("conn", "status", "headers", "sent", "result", "it", "input", "start")
+
+    def __init__(self):
+        self.start = self.start_response     # bound once, not per request
+        self.reset(None)
+
+    def reset(self, conn):
         self.conn = conn
         self.status = None
         self.headers = None
@@ -200,21 +229,20 @@ def _send_file(r, wrapper):
 
 
 def _run(r, environ):
-    r.result = result = _app(environ, r.start_response)
-    if type(result) in (list, tuple) and len(result) == 1 and not r.sent:
+    r.result = result = _app(environ, r.start)
+    if type(result) is list and len(result) == 1 and not r.sent:   # the common case
         body = result[0]
-        if type(body) is not bytes:
-            raise TypeError(f"the application returned {type(body).__name__}, not bytes")
-        if r.status is None:
-            raise AssertionError("the application returned without calling start_response()")
-        st = r.status.encode("latin-1")
-        hb = _header_block(r.headers)
-        if lib.blaze_resp_simple(r.conn, st, len(st), hb, len(hb), len(r.headers), body, len(body),
-                                 _errbuf, 256) != 0:
+        status = r.status
+        if type(body) is bytes and status is not None:
+            st = status.encode("latin-1")
+            headers = r.headers
+            hb = "\0".join(map("\0".join, headers)).encode("latin-1")
+            if _resp_simple(r.conn, st, len(st), hb, len(hb), len(headers), body, len(body),
+                            _errbuf, 256) == 0:
+                return DONE
             if _c_error() == "client disconnected":
                 raise ClientGone("client disconnected")
             raise ValueError(f"invalid response from the application: {_c_error()}")
-        return DONE
     if type(result) is FileWrapper:
         rc = _send_file(r, result)
         if rc is not None:
@@ -232,18 +260,25 @@ def _fail(r, exc):
     return ERROR
 
 
+_spare = []          # finished _Response objects, reused to spare an allocation
+_unpack = ffi.unpack
+_resp_simple = lib.blaze_resp_simple
+
+
 @ffi.def_extern(onerror=lambda *exc: log.critical("blaze_py_request failed", exc_info=exc) or ERROR)
 def blaze_py_request(conn, req):
-    parts = ffi.unpack(req.env, req.env_len).decode("latin-1").split("\0")
     environ = _bases[req.listener].copy()
+    parts = _unpack(req.env, req.env_len).decode("latin-1").split("\0")
     it = iter(parts)
     environ.update(zip(it, it))
-    r = _Response(conn)
-    if req.body_fd >= 0:
-        r.input = inp = open(os.dup(req.body_fd), "rb")
+    r = _spare.pop() if _spare else _Response()
+    r.reset(conn)
+    if req.body_len == 0:
+        environ["wsgi.input"] = _EMPTY_INPUT
+    elif req.body_fd >= 0:
+        environ["wsgi.input"] = r.input = open(os.dup(req.body_fd), "rb")
     else:
-        inp = io.BytesIO(ffi.unpack(req.body, req.body_len) if req.body_len else b"")
-    environ["wsgi.input"] = inp
+        environ["wsgi.input"] = io.BytesIO(_unpack(req.body, req.body_len))
     try:
         rc = _run(r, environ)
     except BaseException as exc:
@@ -254,7 +289,10 @@ def blaze_py_request(conn, req):
     if rc == STREAM:
         _streams[req.conn_id] = r
         return STREAM
-    r.close()
+    if type(r.result) is not list or r.input is not None:
+        r.close()
+    r.result = None
+    _spare.append(r)
     return DONE
 
 
@@ -272,6 +310,7 @@ def blaze_py_resume(conn, conn_id):
         _streams[conn_id] = r
         return STREAM
     r.close()
+    _spare.append(r)
     return DONE
 
 

@@ -19,7 +19,6 @@
 #include <netinet/in.h>
 #include <event2/event.h>
 #include <event2/buffer.h>
-#include <event2/listener.h>
 #include <http_parser.h>
 
 #include "blaze_cdef.h"
@@ -56,11 +55,19 @@ typedef enum { BODY_NONE, BODY_LENGTH, BODY_CHUNKED } blaze_body_kind;
 typedef struct { uint32_t off, len; } blaze_span;          /* offsets into conn->buf */
 typedef struct { blaze_span name, value; } blaze_header;
 
+typedef struct {
+    blaze_loop *loop;                         /* borrowed */
+    int fd;                                   /* the master's socket: not closed here */
+    int index;
+    struct event *ev;                         /* owned */
+} blaze_listener;
+
 struct blaze_loop {
     struct event_base *base;                  /* owned */
     blaze_limits lim;                         /* copy; lim.tmp_dir owned */
-    struct evconnlistener *listeners[BLAZE_MAX_LISTENERS]; /* owned; fds are the master's */
+    blaze_listener listeners[BLAZE_MAX_LISTENERS];
     int nlisteners;
+    struct event *accept_pause;               /* owned: re-enables accepting after EMFILE */
     int accepting;                            /* listeners enabled */
     struct event *sig_term, *sig_int, *sig_quit, *tick, *grace; /* owned */
     const struct timeval *tv_header, *tv_keepalive, *tv_io, *tv_linger; /* common timeouts */

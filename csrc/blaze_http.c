@@ -628,36 +628,6 @@ static int put_path(envw *w, const char *s, size_t n)
     return BLAZE_OK;
 }
 
-static void put_host(envw *w, const char *v, size_t n)
-{
-    const char *port = NULL;
-    size_t hn = n, pn = 0;
-    if (n > 0 && v[0] == '[') {
-        const char *close = memchr(v, ']', n);
-        if (close == NULL)
-            return;
-        hn = (size_t)(close - v) + 1;
-        if (hn < n && v[hn] == ':') {
-            port = v + hn + 1;
-            pn = n - hn - 1;
-        }
-    } else {
-        const char *colon = memchr(v, ':', n);
-        if (colon) {
-            hn = (size_t)(colon - v);
-            port = colon + 1;
-            pn = n - hn - 1;
-        }
-    }
-    if (hn == 0)
-        return;
-    ENV_PUT_LIT(w, "SERVER_NAME", v, hn);
-    if (port && pn > 0)
-        ENV_PUT_LIT(w, "SERVER_PORT", port, pn);
-    else
-        ENV_PUT_LIT(w, "SERVER_PORT", "80", 2);
-}
-
 int http_build_environ(blaze_conn *c, blaze_request *req)
 {
     blaze_loop *loop = c->loop;
@@ -666,13 +636,18 @@ int http_build_environ(blaze_conn *c, blaze_request *req)
     if (loop_scratch_reserve(loop, 2 * head + 6 * (size_t)c->nhdrs + 1024) != BLAZE_OK)
         return 500;
     envw w = {loop->scratch};
-    const char *m = http_method_str((enum http_method)c->parser.method);
-    ENV_PUT_LIT(&w, "REQUEST_METHOD", m, strlen(m));
-    ENV_PUT_LIT(&w, "SERVER_PROTOCOL", c->http10 ? "HTTP/1.0" : "HTTP/1.1", 8);
+    /* The base environ in Python holds REQUEST_METHOD=GET,
+     * SERVER_PROTOCOL=HTTP/1.1 and QUERY_STRING="": only other values are
+     * sent, since every pair costs the worker a dict insertion. */
+    if (c->parser.method != HTTP_GET) {
+        const char *m = http_method_str((enum http_method)c->parser.method);
+        ENV_PUT_LIT(&w, "REQUEST_METHOD", m, strlen(m));
+    }
+    if (c->http10)
+        ENV_PUT_LIT(&w, "SERVER_PROTOCOL", "HTTP/1.0", 8);
 
     const char *u = c->buf + c->url.off;
     size_t ulen = c->url.len;
-    ENV_PUT_LIT(&w, "RAW_URI", u, ulen);
     const char *path = u, *query = "";
     size_t plen = ulen, qlen = 0;
     if (ulen > 0 && u[0] == '/') {
@@ -703,7 +678,8 @@ int http_build_environ(blaze_conn *c, blaze_request *req)
     }
     if (put_path(&w, path, plen) != BLAZE_OK)
         return 400;
-    ENV_PUT_LIT(&w, "QUERY_STRING", query, qlen);
+    if (qlen > 0)
+        ENV_PUT_LIT(&w, "QUERY_STRING", query, qlen);
 
     if (!c->is_unix) {
         ENV_PUT_LIT(&w, "REMOTE_ADDR", c->remote_addr, strlen(c->remote_addr));
@@ -761,8 +737,6 @@ int http_build_environ(blaze_conn *c, blaze_request *req)
             }
         }
         *w.p++ = '\0';
-        if (nl == 4 && strncasecmp(name, "host", 4) == 0)
-            put_host(&w, c->buf + h->value.off, h->value.len);
     }
 
     req->env = loop->scratch;

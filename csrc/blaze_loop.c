@@ -18,43 +18,53 @@
 #include <unistd.h>
 #include <sys/socket.h>
 
-typedef struct {
-    blaze_loop *loop;
-    int index;
-} listener_ctx;
-
-/* Listener contexts live beside the loop; one loop per process. */
-static listener_ctx listener_ctxs[BLAZE_MAX_LISTENERS];
-
 static void set_accepting(blaze_loop *loop, int on)
 {
     if (loop->accepting == on)
         return;
     for (int i = 0; i < loop->nlisteners; i++) {
         if (on)
-            evconnlistener_enable(loop->listeners[i]);
+            event_add(loop->listeners[i].ev, NULL);
         else
-            evconnlistener_disable(loop->listeners[i]);
+            event_del(loop->listeners[i].ev);
     }
     loop->accepting = on;
 }
 
-static void on_accept(struct evconnlistener *l, evutil_socket_t fd,
-                      struct sockaddr *sa, int salen, void *arg)
+/* One accept per readiness event.  Every worker polls the same listening
+ * socket; a worker that drained the whole queue would take a burst of
+ * connections (wrk's 64, a proxy's pool) all for itself and keep them.
+ * Taking one at a time lets the other workers, woken too, take their share. */
+static void on_accept(evutil_socket_t fd, short what, void *arg)
 {
-    listener_ctx *ctx = arg;
-    (void)l;
-    if (conn_new(ctx->loop, fd, ctx->index, sa, salen) == NULL)
-        close(fd);      /* out of memory: refuse this one, keep serving */
+    blaze_listener *l = arg;
+    blaze_loop *loop = l->loop;
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+    (void)what;
+    int cfd = accept4(fd, (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (cfd < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR || errno == ECONNABORTED)
+            return;
+        /* Out of descriptors or memory: stop accepting for a moment rather
+         * than spin on a socket that stays readable. */
+        fprintf(stderr, "blazewsgi: accept failed: %s; pausing accepts for 100 ms\n", strerror(errno));
+        set_accepting(loop, 0);
+        struct timeval tv = {0, 100000};
+        event_add(loop->accept_pause, &tv);
+        return;
+    }
+    if (conn_new(loop, cfd, l->index, (struct sockaddr *)&ss, (int)sl) == NULL)
+        close(cfd);      /* out of memory: refuse this one, keep serving */
 }
 
-static void on_accept_error(struct evconnlistener *l, void *arg)
+static void on_accept_pause_over(evutil_socket_t fd, short what, void *arg)
 {
-    int err = EVUTIL_SOCKET_ERROR();
-    (void)l;
-    (void)arg;
-    /* EMFILE and friends: libevent retries on the next readiness. */
-    fprintf(stderr, "blazewsgi: accept failed: %s\n", evutil_socket_error_to_string(err));
+    blaze_loop *loop = arg;
+    (void)fd;
+    (void)what;
+    if (!loop->stopping && loop->nconns < loop->lim.max_connections)
+        set_accepting(loop, 1);
 }
 
 void loop_conn_opened(blaze_loop *loop, blaze_conn *c)
@@ -191,7 +201,8 @@ blaze_loop *blaze_loop_new(const blaze_limits *limits, char *err, size_t errlen)
     loop->sig_quit = evsignal_new(loop->base, SIGQUIT, on_signal, loop);
     loop->tick = event_new(loop->base, -1, EV_PERSIST, on_tick, loop);
     loop->grace = evtimer_new(loop->base, on_grace_over, loop);
-    if (!loop->sig_term || !loop->sig_int || !loop->sig_quit || !loop->tick || !loop->grace ||
+    loop->accept_pause = evtimer_new(loop->base, on_accept_pause_over, loop);
+    if (!loop->sig_term || !loop->sig_int || !loop->sig_quit || !loop->tick || !loop->grace || !loop->accept_pause ||
         !loop->tv_header || !loop->tv_keepalive || !loop->tv_io || !loop->tv_linger) {
         snprintf(err, errlen, "cannot create loop events");
         goto fail;
@@ -221,24 +232,23 @@ int blaze_loop_listen(blaze_loop *loop, int fd, char *err, size_t errlen)
         snprintf(err, errlen, "too many sockets (at most %d)", BLAZE_MAX_LISTENERS);
         return BLAZE_ERR;
     }
-    int i = loop->nlisteners;
     if (evutil_make_socket_nonblocking(fd) != 0) {   /* else accept() blocks the loop */
         snprintf(err, errlen, "cannot make fd %d non-blocking: %s", fd, strerror(errno));
         return BLAZE_ERR;
     }
-    listener_ctxs[i].loop = loop;
-    listener_ctxs[i].index = i;
-    /* backlog 0: the master already called listen(); the fd stays the master's. */
-    struct evconnlistener *l = evconnlistener_new(loop->base, on_accept, &listener_ctxs[i],
-                                                  LEV_OPT_CLOSE_ON_EXEC, 0, fd);
-    if (l == NULL) {
-        snprintf(err, errlen, "cannot listen on fd %d: %s", fd, strerror(errno));
+    int i = loop->nlisteners;
+    blaze_listener *l = &loop->listeners[i];
+    l->loop = loop;
+    l->fd = fd;
+    l->index = i;
+    l->ev = event_new(loop->base, fd, EV_READ | EV_PERSIST, on_accept, l);
+    if (l->ev == NULL || (loop->accepting && event_add(l->ev, NULL) != 0)) {
+        snprintf(err, errlen, "cannot watch fd %d", fd);
+        if (l->ev)
+            event_free(l->ev);
+        l->ev = NULL;
         return BLAZE_ERR;
     }
-    evconnlistener_set_error_cb(l, on_accept_error);
-    if (!loop->accepting)
-        evconnlistener_disable(l);
-    loop->listeners[i] = l;
     loop->nlisteners++;
     return i;
 }
@@ -261,7 +271,8 @@ void blaze_loop_free(blaze_loop *loop)
     while (loop->conns)
         conn_free(loop->conns);
     for (int i = 0; i < loop->nlisteners; i++)
-        evconnlistener_free(loop->listeners[i]);
+        event_free(loop->listeners[i].ev);
+    if (loop->accept_pause) event_free(loop->accept_pause);
     if (loop->sig_term) event_free(loop->sig_term);
     if (loop->sig_int) event_free(loop->sig_int);
     if (loop->sig_quit) event_free(loop->sig_quit);

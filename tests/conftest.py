@@ -1,0 +1,197 @@
+"""Start the real server as a subprocess and talk to it with real clients.
+
+`server_factory(app=..., **settings)` writes a config.ini into a temp dir,
+starts `python -m blazewsgi config.ini`, waits until the socket answers an
+HTTP request (polling, never a fixed sleep) and stops it at teardown
+(SIGTERM, then SIGKILL if it hangs).  Test apps live in tests/apps.py.
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout=10.0, interval=0.02, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def http_probe(connect):
+    """True once a GET over a fresh connection gets any HTTP status line."""
+    try:
+        with connect() as s:
+            s.settimeout(2.0)
+            s.sendall(b"GET /__probe__ HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")
+            return s.recv(16).startswith(b"HTTP/1.1 ")
+    except OSError:
+        return False
+
+
+class Server:
+    def __init__(self, tmp_path, app, workers=1, bind=None, extra=None, env=None, config_text=None):
+        self.tmp = tmp_path
+        self.port = free_port()
+        self.bind = bind or [f"127.0.0.1:{self.port}"]
+        settings = {"wsgi_path": app, "sockets": ",".join(self.bind), "min_workers": str(workers),
+                    "graceful_timeout": "10"}
+        settings.update({k: str(v) for k, v in (extra or {}).items()})
+        self.config = os.path.join(tmp_path, "config.ini")
+        with open(self.config, "w") as f:
+            if config_text is not None:
+                f.write(config_text)
+            else:
+                f.write("[server]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
+        self.log_path = os.path.join(tmp_path, "server.log")
+        self.env = dict(os.environ)
+        self.env["PYTHONPATH"] = os.pathsep.join([TESTS, ROOT] + ([self.env["PYTHONPATH"]] if self.env.get("PYTHONPATH") else []))
+        self.env.update(env or {})
+        self.proc = None
+
+    @property
+    def unix_paths(self):
+        return [b[5:] if b.startswith("unix:") else b for b in self.bind if "/" in b]
+
+    def start(self, wait=True):
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "blazewsgi", self.config], cwd=self.tmp,
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        if wait:
+            wait_until(lambda: self.proc.poll() is not None or http_probe(self.connect), 15,
+                       what="the server to answer")
+            assert self.proc.poll() is None, f"server exited early:\n{self.output()}"
+        return self
+
+    def connect(self, timeout=10.0):
+        if self.bind[0].startswith("127.0.0.1:") or ":" in self.bind[0] and "/" not in self.bind[0]:
+            return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        s.connect(self.unix_paths[0])
+        return s
+
+    def url(self, path="/"):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def output(self):
+        self.log.flush()
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def worker_pids(self):
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
+        return sorted(int(x) for x in out.stdout.split())
+
+    def send(self, sig):
+        os.kill(self.proc.pid, sig)
+
+    def stop(self, sig=signal.SIGTERM, timeout=20):
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            raise AssertionError(f"server did not stop within {timeout}s:\n{self.output()}")
+        finally:
+            self.log.close()
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    servers = []
+
+    def make(app="apps:echo_app", **kw):
+        s = Server(str(tmp_path), app, **kw)
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        try:
+            s.stop()
+        except AssertionError:
+            pass
+        if s.proc is not None and s.proc.poll() is None:
+            os.killpg(s.proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def server(server_factory):
+    """One worker serving tests/apps.py:echo_app on TCP."""
+    return server_factory().start()
+
+
+def request(sock, data, timeout=10.0):
+    """Send raw bytes; read one response; returns (status, headers dict lower-cased, body)."""
+    sock.settimeout(timeout)
+    if data:
+        sock.sendall(data)
+    return read_response(sock)
+
+
+def read_response(sock, head_only=False):
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"connection closed before a full response head: {buf!r}")
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(b":")
+        headers[k.strip().lower().decode()] = v.strip().decode("latin-1")
+    if head_only or status in (204, 304) or 100 <= status < 200:
+        return status, headers, rest
+    if "content-length" in headers:
+        n = int(headers["content-length"])
+        while len(rest) < n:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        return status, headers, rest[:n]
+    if headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while True:
+            while b"\r\n" not in rest:
+                rest += sock.recv(65536)
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            while len(rest) < size + 2:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("closed inside a chunk")
+                rest += chunk
+            if size == 0:
+                return status, headers, body
+            body += rest[:size]
+            rest = rest[size + 2:]
+    while True:   # close-delimited
+        chunk = sock.recv(65536)
+        if not chunk:
+            return status, headers, rest
+        rest += chunk
