@@ -78,6 +78,7 @@ def setup(app, listeners, multiprocess):
             "wsgi.run_once": False,
             "wsgi.file_wrapper": FileWrapper,
             "wsgi.input_terminated": True,
+            "wsgi.input": _EMPTY_INPUT,       # replaced when the request has a body
             "SCRIPT_NAME": "",
             # Defaults C leaves out when they hold (see http_build_environ).
             "REQUEST_METHOD": "GET",
@@ -124,16 +125,9 @@ class _Response:
 
     def __init__(self):
         self.start = self.start_response     # bound once, not per request
-        self.reset(None)
-
-    def reset(self, conn):
-        self.conn = conn
-        self.status = None
-        self.headers = None
+        self.conn = self.status = self.headers = None
         self.sent = False
-        self.result = None
-        self.it = None
-        self.input = None
+        self.result = self.it = self.input = None
 
     def start_response(self, status, headers, exc_info=None):
         if exc_info is not None:
@@ -228,21 +222,8 @@ def _send_file(r, wrapper):
     return DONE
 
 
-def _run(r, environ):
-    r.result = result = _app(environ, r.start)
-    if type(result) is list and len(result) == 1 and not r.sent:   # the common case
-        body = result[0]
-        status = r.status
-        if type(body) is bytes and status is not None:
-            st = status.encode("latin-1")
-            headers = r.headers
-            hb = "\0".join(map("\0".join, headers)).encode("latin-1")
-            if _resp_simple(r.conn, st, len(st), hb, len(hb), len(headers), body, len(body),
-                            _errbuf, 256) == 0:
-                return DONE
-            if _c_error() == "client disconnected":
-                raise ClientGone("client disconnected")
-            raise ValueError(f"invalid response from the application: {_c_error()}")
+def _run_general(r, result):
+    """Anything but a one-item list of bytes: sendfile, or iterate."""
     if type(result) is FileWrapper:
         rc = _send_file(r, result)
         if rc is not None:
@@ -265,22 +246,43 @@ _unpack = ffi.unpack
 _resp_simple = lib.blaze_resp_simple
 
 
+def _body_input(r, req):
+    if req.body_fd >= 0:
+        r.input = open(os.dup(req.body_fd), "rb")
+        return r.input
+    return io.BytesIO(_unpack(req.body, req.body_len))
+
+
 @ffi.def_extern(onerror=lambda *exc: log.critical("blaze_py_request failed", exc_info=exc) or ERROR)
-def blaze_py_request(conn, req):
-    environ = _bases[req.listener].copy()
-    parts = _unpack(req.env, req.env_len).decode("latin-1").split("\0")
-    it = iter(parts)
+def blaze_py_request(conn, env, env_len, listener, req):
+    # Everything on the common path is inline: each Python call costs.
+    environ = _bases[listener].copy()
+    it = iter(_unpack(env, env_len).decode("latin-1").split("\0"))
     environ.update(zip(it, it))
     r = _spare.pop() if _spare else _Response()
-    r.reset(conn)
-    if req.body_len == 0:
-        environ["wsgi.input"] = _EMPTY_INPUT
-    elif req.body_fd >= 0:
-        environ["wsgi.input"] = r.input = open(os.dup(req.body_fd), "rb")
-    else:
-        environ["wsgi.input"] = io.BytesIO(_unpack(req.body, req.body_len))
+    r.conn = conn
+    r.status = r.headers = None
+    r.sent = False
     try:
-        rc = _run(r, environ)
+        if "CONTENT_LENGTH" in environ:
+            environ["wsgi.input"] = _body_input(r, req)
+        r.result = result = _app(environ, r.start)
+        if type(result) is list and len(result) == 1 and r.status is not None and not r.sent:
+            body = result[0]
+            if type(body) is bytes:
+                st = r.status.encode("latin-1")
+                headers = r.headers
+                hb = "\0".join(map("\0".join, headers)).encode("latin-1")
+                if _resp_simple(conn, st, len(st), hb, len(hb), len(headers), body, len(body),
+                                _errbuf, 256) != 0:
+                    if _c_error() == "client disconnected":
+                        raise ClientGone("client disconnected")
+                    raise ValueError(f"invalid response from the application: {_c_error()}")
+                rc = DONE
+            else:
+                rc = _run_general(r, result)
+        else:
+            rc = _run_general(r, result)
     except BaseException as exc:
         if not isinstance(exc, Exception):
             r.close()

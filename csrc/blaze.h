@@ -31,7 +31,8 @@
 #define BLAZE_OUT_HIGH (256 * 1024)
 
 /* Calls into Python (defined by CFFI from build_ffi.py). */
-int blaze_py_request(blaze_conn *c, const blaze_request *req);
+int blaze_py_request(blaze_conn *c, const char *env, size_t env_len, int listener,
+                     const blaze_request *req);
 int blaze_py_resume(blaze_conn *c, unsigned long long conn_id);
 void blaze_py_abort(unsigned long long conn_id);
 

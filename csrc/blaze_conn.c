@@ -316,7 +316,7 @@ static int dispatch(blaze_conn *c)
         return -1;
     }
     c->state = CONN_APP;
-    return after_python(c, blaze_py_request(c, &req));
+    return after_python(c, blaze_py_request(c, req.env, req.env_len, req.listener, &req));
 }
 
 static void resume(blaze_conn *c)
