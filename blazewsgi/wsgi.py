@@ -247,6 +247,8 @@ _resp_simple = lib.blaze_resp_simple
 
 
 def _body_input(r, req):
+    if req.body_len == 0:            # e.g. an empty chunked body
+        return io.BytesIO()
     if req.body_fd >= 0:
         r.input = open(os.dup(req.body_fd), "rb")
         return r.input

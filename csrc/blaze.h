@@ -29,6 +29,9 @@
 #define BLAZE_VERSION "0.1.0"
 /* Output above this many queued bytes pauses streaming and pipelining. */
 #define BLAZE_OUT_HIGH (256 * 1024)
+/* The read buffer is head_buffer_size plus this, so a body always has room to arrive. */
+#define BLAZE_BODY_SLACK 4096
+#define BLAZE_BUF_SIZE(lim) ((size_t)(lim)->head_buffer_size + BLAZE_BODY_SLACK)
 
 /* Calls into Python (defined by CFFI from build_ffi.py). */
 int blaze_py_request(blaze_conn *c, const char *env, size_t env_len, int listener,

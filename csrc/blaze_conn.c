@@ -88,7 +88,7 @@ blaze_conn *conn_new(blaze_loop *loop, int fd, int listener, const struct sockad
     c->fd = -1;
     c->body_fd = -1;
     c->listener = listener;
-    c->buf = malloc((size_t)lim->head_buffer_size);
+    c->buf = malloc(BLAZE_BUF_SIZE(lim));
     c->hdrs = malloc(sizeof(blaze_header) * (size_t)lim->limit_request_fields);
     c->ev_read = event_new(loop->base, fd, EV_READ | EV_PERSIST, on_read, c);
     c->ev_write = event_new(loop->base, fd, EV_WRITE | EV_PERSIST, on_write, c);
@@ -411,7 +411,7 @@ static void on_read(evutil_socket_t fd, short what, void *arg)
 {
     blaze_conn *c = arg;
     (void)what;
-    size_t cap = (size_t)c->loop->lim.head_buffer_size;
+    size_t cap = BLAZE_BUF_SIZE(&c->loop->lim);
     if (c->state == CONN_LINGER) {
         for (;;) {
             ssize_t n = recv(fd, c->buf, cap, 0);

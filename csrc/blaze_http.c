@@ -178,7 +178,10 @@ static blaze_io check_request_line(const unsigned char *s, size_t n, int *status
     return IO_DONE;
 }
 
-static blaze_io check_field_line(const unsigned char *s, size_t n, int *status, const char **why)
+/* Also turns HTAB in the optional whitespace around the value into SP:
+ * OWS is not part of the value, and http-parser rejects "5\t" as a
+ * Content-Length while RFC 9112 allows it. */
+static blaze_io check_field_line(unsigned char *s, size_t n, int *status, const char **why)
 {
     if (s[0] == ' ' || s[0] == '\t')
         FAIL(400, "obsolete line folding in a header");
@@ -192,9 +195,14 @@ static blaze_io check_field_line(const unsigned char *s, size_t n, int *status, 
     }
     if (i == 0)
         FAIL(400, "empty header name");
-    for (i++; i < n; i++)
+    size_t v = ++i;
+    for (; i < n; i++)
         if (!blaze_field_char(s[i]))
             FAIL(400, "invalid character in header value");
+    for (i = v; i < n && (s[i] == ' ' || s[i] == '\t'); i++)
+        s[i] = ' ';
+    for (i = n; i > v && (s[i - 1] == ' ' || s[i - 1] == '\t'); i--)
+        s[i - 1] = ' ';
     return IO_DONE;
 }
 
@@ -210,7 +218,7 @@ static blaze_io scan_head(blaze_conn *c, int *status, const char **why)
                 FAIL(414, "request line too long");
             if (c->nlines > 0 && open > (size_t)lim->limit_request_field_size + 1)
                 FAIL(431, "header line too large");
-            if (c->len - c->start >= cap - 512)
+            if (c->len - c->start >= cap)
                 FAIL(431, "request header section too large");
             c->scan = c->len;
             return IO_AGAIN;
@@ -218,7 +226,7 @@ static blaze_io scan_head(blaze_conn *c, int *status, const char **why)
         size_t end = (size_t)(nl - c->buf);          /* the LF */
         if (end == c->line || c->buf[end - 1] != '\r')
             FAIL(400, "bare LF in request head");
-        const unsigned char *s = (const unsigned char *)c->buf + c->line;
+        unsigned char *s = (unsigned char *)c->buf + c->line;
         size_t n = end - 1 - c->line;                  /* without CRLF */
         if (memchr(s, '\r', n) != NULL)
             FAIL(400, "bare CR in request head");
@@ -229,7 +237,7 @@ static blaze_io scan_head(blaze_conn *c, int *status, const char **why)
             }
             c->head_end = end + 1;
             c->scan = end + 1;
-            if (c->head_end - c->start > cap - 512)
+            if (c->head_end - c->start > cap)
                 FAIL(431, "request header section too large");
             return IO_DONE;
         }
@@ -266,6 +274,19 @@ static void trim_value(const blaze_conn *c, blaze_header *h)
             break;
         h->value.len--;
     }
+}
+
+/* RFC 9112 3.2: Host = uri-host [ ":" port ]; an empty value is allowed. */
+static int valid_host(const char *v, size_t n)
+{
+    static const char extra[] = "-._~!$&'()*+,;=:%[]";
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)v[i];
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+              (ch != 0 && memchr(extra, ch, sizeof(extra) - 1) != NULL)))
+            return 0;
+    }
+    return 1;
 }
 
 /* chunked must be the final (here: the only) transfer coding. */
@@ -313,15 +334,18 @@ blaze_io http_read_head(blaze_conn *c, int *status, const char **why)
         const char *v = c->buf + h->value.off;
         switch (h->name.len) {
         case 4:
-            if (name_is(c, h, "host", 4))
+            if (name_is(c, h, "host", 4)) {
                 n_host++;
+                if (!valid_host(v, h->value.len))
+                    FAIL(400, "invalid Host header");
+            }
             break;
         case 6:
             if (name_is(c, h, "expect", 6)) {
                 if (h->value.len == 12 && strncasecmp(v, "100-continue", 12) == 0)
                     expect = 1;
                 else
-                    FAIL(417, "unsupported Expect");
+                    expect = -1;
             }
             break;
         case 14:
@@ -363,6 +387,13 @@ blaze_io http_read_head(blaze_conn *c, int *status, const char **why)
         FAIL(400, "HTTP/1.1 request without Host");
     if (n_te && te != 0)
         FAIL(te, te == 501 ? "unsupported transfer coding" : "chunked is not the final transfer coding");
+    /* RFC 9110 10.1.1: an HTTP/1.0 server ignores Expect. */
+    if (expect < 0 && !c->http10)
+        FAIL(417, "unsupported Expect");
+    if (c->http10)
+        expect = 0;
+    if (c->url.len == 1 && c->buf[c->url.off] == '*' && c->parser.method != HTTP_OPTIONS)
+        FAIL(400, "asterisk-form is only for OPTIONS");
 
     c->is_head = c->parser.method == HTTP_HEAD;
     c->keepalive = http_should_keep_alive(&c->parser) ? 1 : 0;
@@ -659,7 +690,9 @@ int http_build_environ(blaze_conn *c, blaze_request *req)
             query = q + 1;
             qlen = end - plen - 1;
         }
-    } else if (!(ulen == 1 && u[0] == '*')) {
+    } else if (ulen == 1 && u[0] == '*') {
+        plen = 0;      /* OPTIONS *: no path (PEP 3333 wants "" or "/..."); RAW target is "*" */
+    } else {
         struct http_parser_url pu;
         http_parser_url_init(&pu);
         if (http_parser_parse_url(u, ulen, 0, &pu) != 0)

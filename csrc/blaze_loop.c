@@ -218,6 +218,8 @@ blaze_loop *blaze_loop_new(const blaze_limits *limits, char *err, size_t errlen)
         goto fail;
     }
     http_settings_init(&loop->settings);
+    /* http-parser's own cap (80 KiB by default) must not undercut ours. */
+    http_parser_set_max_header_size((uint32_t)BLAZE_BUF_SIZE(limits));
     loop->accepting = 1;
     write_update_date();
     return loop;

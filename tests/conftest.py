@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 
@@ -150,8 +151,17 @@ def request(sock, data, timeout=10.0):
     return read_response(sock)
 
 
+_leftover = weakref.WeakKeyDictionary()   # bytes read past one response (pipelining)
+
+
+def _keep(sock, data):
+    if data:
+        _leftover[sock] = data
+
+
 def read_response(sock, head_only=False):
-    buf = b""
+    """One response from sock; bytes of the next response are kept for the next call."""
+    buf = _leftover.pop(sock, b"")
     while b"\r\n\r\n" not in buf:
         chunk = sock.recv(65536)
         if not chunk:
@@ -165,7 +175,8 @@ def read_response(sock, head_only=False):
         k, _, v = line.partition(b":")
         headers[k.strip().lower().decode()] = v.strip().decode("latin-1")
     if head_only or status in (204, 304) or 100 <= status < 200:
-        return status, headers, rest
+        _keep(sock, rest)
+        return status, headers, b""
     if "content-length" in headers:
         n = int(headers["content-length"])
         while len(rest) < n:
@@ -173,6 +184,7 @@ def read_response(sock, head_only=False):
             if not chunk:
                 break
             rest += chunk
+        _keep(sock, rest[n:])
         return status, headers, rest[:n]
     if headers.get("transfer-encoding") == "chunked":
         body = b""
@@ -187,6 +199,12 @@ def read_response(sock, head_only=False):
                     raise ConnectionError("closed inside a chunk")
                 rest += chunk
             if size == 0:
+                while not rest.startswith(b"\r\n") and b"\r\n\r\n" not in rest:  # trailers
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    rest += chunk
+                _keep(sock, rest[2:] if rest.startswith(b"\r\n") else rest.partition(b"\r\n\r\n")[2])
                 return status, headers, body
             body += rest[:size]
             rest = rest[size + 2:]
