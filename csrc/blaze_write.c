@@ -108,6 +108,8 @@ static int frame_head(blaze_conn *c, const char *status, size_t slen, const char
     char *p = loop->head;
     PUT_LIT(p, "HTTP/1.1 ");
     PUT(p, status, slen);
+    if (slen == 3)
+        *p++ = ' ';      /* RFC 9112 4: the SP before an empty reason is required */
     PUT_LIT(p, "\r\n");
 
     int have_server = 0, have_date = 0, conn_close = 0;

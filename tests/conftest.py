@@ -63,6 +63,8 @@ class Server:
         self.log_path = os.path.join(tmp_path, "server.log")
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = os.pathsep.join([TESTS, ROOT] + ([self.env["PYTHONPATH"]] if self.env.get("PYTHONPATH") else []))
+        if os.environ.get("BLAZE_SERVER_LD_PRELOAD"):   # sanitizer runs: only the server gets it
+            self.env["LD_PRELOAD"] = os.environ["BLAZE_SERVER_LD_PRELOAD"]
         self.env.update(env or {})
         self.proc = None
 
