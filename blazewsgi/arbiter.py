@@ -48,6 +48,12 @@ class Worker:
         self.started = time.monotonic()
 
 
+def _describe(code):
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
 def _nonblocking_pipe():
     r, w = os.pipe2(os.O_CLOEXEC)
     for fd in (r, w):
@@ -82,15 +88,15 @@ class Arbiter:
 
     # ---- main loop ----
     def run(self):
-        self._install_signals()
-        if self.cfg.pid_file:
-            with open(self.cfg.pid_file, "w") as f:
-                f.write(f"{self.pid}\n")
-        os.environ["BLAZEWSGI_WORKERS"] = str(self.target)
-        for lst in self.listeners:
-            log.info("Listening at %s", lst.name)
-        log.info("Master %d starting %d worker(s) for %s", self.pid, self.target, self.cfg.wsgi_path)
         try:
+            self._install_signals()
+            if self.cfg.pid_file:
+                with open(self.cfg.pid_file, "w") as f:
+                    f.write(f"{self.pid}\n")
+            os.environ["BLAZEWSGI_WORKERS"] = str(self.target)
+            for lst in self.listeners:
+                log.info("Listening at %s", lst.name)
+            log.info("Master %d starting %d worker(s) for %s", self.pid, self.target, self.cfg.wsgi_path)
             self.manage()
             while True:
                 self._sleep(1.0)
@@ -255,20 +261,22 @@ class Arbiter:
             if w is None:
                 continue
             code = os.waitstatus_to_exitcode(status)
-            if code == worker.WORKER_BOOT_ERROR and not w.ready:
-                if not self.booted:
-                    log.error("The application %r cannot be imported (traceback above); stopping",
-                              self.cfg.wsgi_path)
-                    self.stop(graceful=False)
-                    return EXIT_APP_IMPORT
-                log.error("Worker %d could not import the application; retrying with backoff", pid)
-            elif w.retiring and code == 0:
-                log.info("Worker %d stopped", pid)
+            if w.retiring and code in (0, -signal.SIGTERM):
+                log.info("Worker %d stopped", pid)   # SIGTERM before its loop ran: still our stop
                 continue
-            elif code < 0:
-                log.warning("Worker %d was killed by %s", pid, signal.Signals(-code).name)
+            if not w.ready and not self.booted:
+                # No worker ever got ready: loading the app fails (an exception,
+                # or a crash inside it).  Stop rather than fork forever.
+                why = ("could not import it" if code == worker.WORKER_BOOT_ERROR else
+                       f"died while loading it ({_describe(code)})")
+                log.error("The application %r cannot be imported: worker %d %s; stopping",
+                          self.cfg.wsgi_path, pid, why)
+                self.stop(graceful=False)
+                return EXIT_APP_IMPORT
+            if code == worker.WORKER_BOOT_ERROR and not w.ready:
+                log.error("Worker %d could not import the application; retrying with backoff", pid)
             else:
-                log.warning("Worker %d exited with code %d", pid, code)
+                log.warning("Worker %d %s", pid, _describe(code))
             self._note_death()
 
     def _note_death(self):
@@ -282,7 +290,7 @@ class Arbiter:
 
     def stop(self, graceful):
         sig = signal.SIGTERM if graceful else signal.SIGQUIT
-        limit = self.cfg.graceful_timeout + 5.0 if graceful else 5.0
+        limit = self.cfg.graceful_timeout + 5.0 if graceful else 3.0
         for w in list(self.workers.values()):
             try:
                 os.kill(w.pid, sig)

@@ -347,6 +347,12 @@ def _check_together(cfg):
             raise ConfigError(f"{where}: [{SECTION}] log_dir: {d}: no such directory")
         if not os.access(d, os.W_OK | os.X_OK):
             raise ConfigError(f"{where}: [{SECTION}] log_dir: {d}: not writable")
+    if v["pid_file"]:
+        d = os.path.dirname(v["pid_file"]) or "."
+        if not os.path.isdir(d):
+            raise ConfigError(f"{where}: [{SECTION}] pid_file: {d}: no such directory")
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise ConfigError(f"{where}: [{SECTION}] pid_file: {d}: not writable")
     tmp = v["tmp_dir"] or tempfile.gettempdir()
     if not os.path.isdir(tmp) or not os.access(tmp, os.W_OK | os.X_OK):
         raise ConfigError(f"{where}: [{SECTION}] tmp_dir: {tmp}: not a writable directory")

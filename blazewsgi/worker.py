@@ -53,8 +53,9 @@ def run(cfg, listeners, ready_fd, master_pid):
     try:
         app = loader.load_app(cfg.wsgi_path)
     except BaseException:
-        sys.stderr.write(f"blazewsgi: cannot import the application {cfg.wsgi_path!r}:\n")
-        sys.stderr.write(traceback.format_exc())
+        if cfg.log_dir:      # the log goes to a file: show the operator the traceback too
+            sys.stderr.write(f"blazewsgi: cannot import the application {cfg.wsgi_path!r}:\n")
+            sys.stderr.write(traceback.format_exc())
         log.error("Cannot import the application %r:\n%s", cfg.wsgi_path, traceback.format_exc().rstrip())
         return WORKER_BOOT_ERROR
     wsgi.setup(app, listeners, multiprocess=cfg.max_workers > 1)
