@@ -35,8 +35,8 @@ DEPENDENCIES = [
 # resumption of a suspended streaming response and its abort.
 EXTERN_PYTHON = """
 extern "Python+C" {
-    int blaze_py_request(blaze_conn *c, const char *env, size_t env_len, int listener,
-                         const blaze_request *req);
+    int blaze_py_request(blaze_conn *c, int keyset, const char *values, size_t values_len,
+                         int listener, const blaze_request *req);
     int blaze_py_resume(blaze_conn *c, unsigned long long conn_id);
     void blaze_py_abort(unsigned long long conn_id);
 }

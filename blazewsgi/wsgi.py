@@ -121,10 +121,11 @@ _EMPTY_INPUT = _EmptyInput()
 
 class _Response:
     """One request's response state; reused across requests (see _spare)."""
-    __slots__ = ("conn", "status", "headers", "sent", "result", "it", "input", "start")
+    __slots__ = ("conn", "status", "headers", "sent", "result", "it", "input", "start", "_write")
 
     def __init__(self):
         self.start = self.start_response     # bound once, not per request
+        self._write = self.write
         self.conn = self.status = self.headers = None
         self.sent = False
         self.result = self.it = self.input = None
@@ -144,7 +145,7 @@ class _Response:
             raise TypeError(f"headers must be a list, not {type(headers).__name__}")
         self.status = status
         self.headers = headers
-        return self.write
+        return self._write
 
     def _start(self, body_len):
         if self.status is None:
@@ -255,12 +256,21 @@ def _body_input(r, req):
     return io.BytesIO(_unpack(req.body, req.body_len))
 
 
+_keysets = [None] * lib.BLAZE_KEYSETS_PY   # slot -> tuple of interned CGI names (see C keyset_slot)
+
+
+def _learn_keys(keyset, req):
+    keys = tuple(sys.intern(k) for k in _unpack(req.keys, req.keys_len).decode("latin-1").split("\0"))
+    _keysets[-keyset - 1] = keys
+    return keys
+
+
 @ffi.def_extern(onerror=lambda *exc: log.critical("blaze_py_request failed", exc_info=exc) or ERROR)
-def blaze_py_request(conn, env, env_len, listener, req):
+def blaze_py_request(conn, keyset, values, values_len, listener, req):
     # Everything on the common path is inline: each Python call costs.
     environ = _bases[listener].copy()
-    it = iter(_unpack(env, env_len).decode("latin-1").split("\0"))
-    environ.update(zip(it, it))
+    keys = _keysets[keyset] if keyset >= 0 else _learn_keys(keyset, req)
+    environ.update(zip(keys, _unpack(values, values_len).decode("latin-1").split("\0")))
     r = _spare.pop() if _spare else _Response()
     r.conn = conn
     r.status = r.headers = None

@@ -31,11 +31,13 @@
 #define BLAZE_OUT_HIGH (256 * 1024)
 /* The read buffer is head_buffer_size plus this, so a body always has room to arrive. */
 #define BLAZE_BODY_SLACK 4096
+/* Bodies up to this size are copied behind the response head and sent together. */
+#define BLAZE_COALESCE 8192
 #define BLAZE_BUF_SIZE(lim) ((size_t)(lim)->head_buffer_size + BLAZE_BODY_SLACK)
 
 /* Calls into Python (defined by CFFI from build_ffi.py). */
-int blaze_py_request(blaze_conn *c, const char *env, size_t env_len, int listener,
-                     const blaze_request *req);
+int blaze_py_request(blaze_conn *c, int keyset, const char *values, size_t values_len,
+                     int listener, const blaze_request *req);
 int blaze_py_resume(blaze_conn *c, unsigned long long conn_id);
 void blaze_py_abort(unsigned long long conn_id);
 
@@ -58,6 +60,13 @@ typedef enum { BODY_NONE, BODY_LENGTH, BODY_CHUNKED } blaze_body_kind;
 
 typedef struct { uint32_t off, len; } blaze_span;          /* offsets into conn->buf */
 typedef struct { blaze_span name, value; } blaze_header;
+
+#define BLAZE_KEYSETS BLAZE_KEYSETS_PY         /* a power of two */
+typedef struct {
+    uint64_t hash;
+    size_t len;
+    char *keys;                               /* owned: a copy of a keys block */
+} blaze_keyset;
 
 typedef struct {
     blaze_loop *loop;                         /* borrowed */
@@ -86,6 +95,7 @@ struct blaze_loop {
     char *head;                               /* owned: a framed response head not yet sent */
     size_t head_cap, head_len;
     blaze_conn *head_conn;                    /* whose head it is (borrowed) */
+    blaze_keyset keysets[BLAZE_KEYSETS];      /* key sets Python has seen, by slot */
 };
 
 struct blaze_conn {

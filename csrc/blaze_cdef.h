@@ -28,8 +28,11 @@ typedef struct {
 
 /* One parsed request, valid for the duration of blaze_py_request only. */
 typedef struct {
-    const char *env;              /* "KEY\0VALUE\0KEY\0VALUE": CGI variables, latin-1 */
-    size_t env_len;
+    const char *keys;             /* "KEY\0KEY\0...": the CGI names of this request */
+    size_t keys_len;
+    const char *values;           /* "VALUE\0VALUE\0...": their values, latin-1, same order */
+    size_t values_len;
+    int keyset;                   /* >= 0: slot of a key set Python knows; else -(slot+1): learn keys */
     int listener;                 /* index returned by blaze_loop_listen */
     const char *body;             /* the body in memory (body_fd == -1) */
     size_t body_len;              /* body length, in memory or in the file */
@@ -37,6 +40,9 @@ typedef struct {
     int is_head;                  /* HEAD request: the body is not sent */
     unsigned long long conn_id;   /* stable id of the connection, for streaming state */
 } blaze_request;
+
+/* Slots of the key-set table shared by C and Python (BLAZE_KEYSETS in blaze.h). */
+enum { BLAZE_KEYSETS_PY = 256 };
 
 /* What blaze_py_request / blaze_py_resume return to C. */
 enum {

@@ -187,7 +187,8 @@ int conn_send(blaze_conn *c, const struct iovec *iov, int n)
     if (write_pending(c) == 0) {
         ssize_t w;
         do {
-            w = writev(c->fd, iov, n);
+            w = n == 1 ? send(c->fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL)
+                       : writev(c->fd, iov, n);
         } while (w < 0 && errno == EINTR);
         if (w < 0) {
             if (errno != EAGAIN && errno != EWOULDBLOCK) {
@@ -316,7 +317,7 @@ static int dispatch(blaze_conn *c)
         return -1;
     }
     c->state = CONN_APP;
-    return after_python(c, blaze_py_request(c, req.env, req.env_len, req.listener, &req));
+    return after_python(c, blaze_py_request(c, req.keyset, req.values, req.values_len, req.listener, &req));
 }
 
 static void resume(blaze_conn *c)

@@ -623,18 +623,23 @@ blaze_io http_read_body(blaze_conn *c, int *status, const char **why)
 
 /* ---- the environ block ---- */
 
+/* Keys and values go to two blocks: the keys of a request (which CGI
+ * names, in which order) repeat from request to request, so the loop keeps
+ * a small table of key sets and Python a tuple of interned names per
+ * slot; only the values are decoded and split per request. */
 typedef struct {
-    char *p;
+    char *k;     /* keys block: "KEY\0KEY\0..." */
+    char *v;     /* values block, in the same order */
 } envw;
 
 static void env_put(envw *w, const char *key, size_t klen, const char *val, size_t vlen)
 {
-    memcpy(w->p, key, klen);
-    w->p += klen;
-    *w->p++ = '\0';
-    memcpy(w->p, val, vlen);
-    w->p += vlen;
-    *w->p++ = '\0';
+    memcpy(w->k, key, klen);
+    w->k += klen;
+    *w->k++ = '\0';
+    memcpy(w->v, val, vlen);
+    w->v += vlen;
+    *w->v++ = '\0';
 }
 
 #define ENV_PUT_LIT(w, key, val, vlen) env_put((w), key, sizeof(key) - 1, (val), (vlen))
@@ -642,8 +647,8 @@ static void env_put(envw *w, const char *key, size_t klen, const char *val, size
 /* Percent-decode a path (PEP 3333: PATH_INFO is the decoded bytes, latin-1). */
 static int put_path(envw *w, const char *s, size_t n)
 {
-    memcpy(w->p, "PATH_INFO", 10);
-    w->p += 10;
+    memcpy(w->k, "PATH_INFO", 10);
+    w->k += 10;
     for (size_t i = 0; i < n; i++) {
         unsigned char ch = (unsigned char)s[i];
         if (ch == '%' && i + 2 < n && hexval((unsigned char)s[i + 1]) >= 0 &&
@@ -653,20 +658,42 @@ static int put_path(envw *w, const char *s, size_t n)
                 return BLAZE_ERR;
             i += 2;
         }
-        *w->p++ = (char)ch;
+        *w->v++ = (char)ch;
     }
-    *w->p++ = '\0';
+    *w->v++ = '\0';
     return BLAZE_OK;
+}
+
+/* The slot of this key set: >= 0 if Python already holds it, else
+ * -(slot + 1) and Python learns it from req->keys. */
+static int keyset_slot(blaze_loop *loop, const char *keys, size_t len)
+{
+    uint64_t h = 1469598103934665603ULL;          /* FNV-1a */
+    for (size_t i = 0; i < len; i++)
+        h = (h ^ (unsigned char)keys[i]) * 1099511628211ULL;
+    int slot = (int)((h ^ (h >> 32)) & (BLAZE_KEYSETS - 1));
+    blaze_keyset *ks = &loop->keysets[slot];
+    if (ks->keys && ks->hash == h && ks->len == len && memcmp(ks->keys, keys, len) == 0)
+        return slot;
+    free(ks->keys);
+    ks->keys = malloc(len ? len : 1);
+    ks->hash = h;
+    ks->len = ks->keys ? len : 0;
+    if (ks->keys)
+        memcpy(ks->keys, keys, len);
+    return -(slot + 1);
 }
 
 int http_build_environ(blaze_conn *c, blaze_request *req)
 {
     blaze_loop *loop = c->loop;
     size_t head = c->head_end - c->start;
-    /* Each header at most doubles ("HTTP_" + merged values); plus fixed keys. */
-    if (loop_scratch_reserve(loop, 2 * head + 6 * (size_t)c->nhdrs + 1024) != BLAZE_OK)
+    /* Keys: at most the head plus "HTTP_" per header and the fixed names.
+     * Values: at most the head plus the target twice (PATH_INFO, QUERY_STRING). */
+    size_t half = 2 * head + 6 * (size_t)c->nhdrs + 512;
+    if (loop_scratch_reserve(loop, 2 * half) != BLAZE_OK)
         return 500;
-    envw w = {loop->scratch};
+    envw w = {loop->scratch, loop->scratch + half};
     /* The base environ in Python holds REQUEST_METHOD=GET,
      * SERVER_PROTOCOL=HTTP/1.1 and QUERY_STRING="": only other values are
      * sent, since every pair costs the worker a dict insertion. */
@@ -745,8 +772,8 @@ int http_build_environ(blaze_conn *c, blaze_request *req)
             continue;   /* the body is decoded: wsgi.input is plain bytes */
         int is_ct = nl == 12 && strncasecmp(name, "content-type", 12) == 0;
         if (!is_ct) {
-            memcpy(w.p, "HTTP_", 5);
-            w.p += 5;
+            memcpy(w.k, "HTTP_", 5);
+            w.k += 5;
         }
         for (size_t k = 0; k < nl; k++) {
             char ch = name[k];
@@ -754,26 +781,30 @@ int http_build_environ(blaze_conn *c, blaze_request *req)
                 ch = (char)(ch - 'a' + 'A');
             else if (ch == '-')
                 ch = '_';
-            *w.p++ = ch;
+            *w.k++ = ch;
         }
-        *w.p++ = '\0';
-        memcpy(w.p, c->buf + h->value.off, h->value.len);
-        w.p += h->value.len;
+        *w.k++ = '\0';
+        memcpy(w.v, c->buf + h->value.off, h->value.len);
+        w.v += h->value.len;
         const char *sep = (nl == 6 && strncasecmp(name, "cookie", 6) == 0) ? "; " : ", ";
         for (int j = i + 1; j < c->nhdrs; j++) {
             blaze_header *o = &c->hdrs[j];
             if (o->name.len == nl && strncasecmp(c->buf + o->name.off, name, nl) == 0) {
-                memcpy(w.p, sep, 2);
-                w.p += 2;
-                memcpy(w.p, c->buf + o->value.off, o->value.len);
-                w.p += o->value.len;
+                memcpy(w.v, sep, 2);
+                w.v += 2;
+                memcpy(w.v, c->buf + o->value.off, o->value.len);
+                w.v += o->value.len;
             }
         }
-        *w.p++ = '\0';
+        *w.v++ = '\0';
     }
 
-    req->env = loop->scratch;
-    req->env_len = (size_t)(w.p - loop->scratch) - 1;   /* no trailing separator */
+    /* PATH_INFO is always there, so neither block is empty; drop the last NUL. */
+    req->keys = loop->scratch;
+    req->keys_len = (size_t)(w.k - loop->scratch) - 1;
+    req->values = loop->scratch + half;
+    req->values_len = (size_t)(w.v - req->values) - 1;
+    req->keyset = keyset_slot(loop, req->keys, req->keys_len);
     req->listener = c->listener;
     req->body = c->body_fd >= 0 ? NULL : c->body;
     req->body_len = (size_t)c->body_total;

@@ -281,7 +281,10 @@ void blaze_loop_free(blaze_loop *loop)
     if (loop->tick) event_free(loop->tick);
     if (loop->grace) event_free(loop->grace);
     if (loop->base) event_base_free(loop->base);
+    for (int i = 0; i < BLAZE_KEYSETS; i++)
+        free(loop->keysets[i].keys);
     free(loop->scratch);
+    free(loop->head);
     free((char *)loop->lim.tmp_dir);
     free(loop);
 }

@@ -94,7 +94,7 @@ static int frame_head(blaze_conn *c, const char *status, size_t slen, const char
     if (nhdrs < 0 || (nhdrs == 0 && hlen != 0))
         BAD("malformed header list");
 
-    size_t need = 16 + slen + hlen + 4 * (size_t)nhdrs + 256;
+    size_t need = 16 + slen + hlen + 4 * (size_t)nhdrs + 256 + BLAZE_COALESCE;
     if (need > loop->head_cap) {
         size_t cap = loop->head_cap ? loop->head_cap : 4096;
         while (cap < need)
@@ -362,7 +362,12 @@ int blaze_resp_simple(blaze_conn *c, const char *status, size_t status_len,
     struct iovec iov[2];
     int n = take_head(c, iov);
     size_t len = body_allow(c, body_len);
-    if (len > 0) {
+    blaze_loop *loop = c->loop;
+    if (n == 1 && len > 0 && len <= BLAZE_COALESCE && loop->head_len + len <= loop->head_cap) {
+        /* A small body rides in the head's buffer: one send(2), not writev(2). */
+        memcpy(loop->head + loop->head_len, body, len);
+        iov[0].iov_len += len;
+    } else if (len > 0) {
         iov[n].iov_base = (void *)body;
         iov[n++].iov_len = len;
     }
