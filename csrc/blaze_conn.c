@@ -278,26 +278,26 @@ static void response_done(blaze_conn *c)
 /* Act on what Python returned. 0: keep stepping; -1: stop (c may be gone). */
 static int after_python(blaze_conn *c, int rc)
 {
+    /* Set first: if c is freed below, conn_free must tell Python to close
+     * the iterable it keeps for a STREAM. */
+    c->py_stream = rc == BLAZE_PY_STREAM;
     if (c->state == CONN_DEAD) {
         conn_free(c);
         return -1;
     }
     if (rc != BLAZE_PY_ERROR && write_flush_head(c) != BLAZE_OK)
-        return -1;
+        return -1;        /* broken: the zero-delay timer frees it */
     switch (rc) {
     case BLAZE_PY_STREAM:
-        c->py_stream = 1;
         c->state = CONN_STREAM;
         read_off(c);
         conn_want_write(c);
         timer_set(c, TIMER_IO);
         return -1;
     case BLAZE_PY_DONE:
-        c->py_stream = 0;
         response_done(c);
         return 0;
     default:
-        c->py_stream = 0;
         if (c->loop->head_conn == c)
             c->loop->head_conn = NULL;
         if (c->resp_started)

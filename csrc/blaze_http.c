@@ -141,7 +141,7 @@ void http_request_reset(blaze_conn *c)
         close(c->body_fd);
         c->body_fd = -1;
     }
-    if (c->body_cap > 1024 * 1024) {   /* don't keep a big body buffer per idle connection */
+    if (c->body_cap > 64 * 1024) {     /* don't keep a big body buffer per idle connection */
         free(c->body);
         c->body = NULL;
         c->body_cap = 0;
