@@ -11,9 +11,6 @@ on the command line are relative to the working directory.
 import configparser
 import os
 import re
-import tempfile
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Tuple
 
 SECTION = "server"
 
@@ -131,17 +128,29 @@ def _socket_list(s):
 _socket_list.kind = "list"
 
 
-@dataclass(frozen=True)
 class Setting:
-    name: str
-    parse: Callable[[str], Any]
-    default: Any
-    help: str
-    cli: Tuple[str, ...] = ()
-    example: Optional[str] = None     # the value config.ini.example shows (default: the default)
-    is_path: bool = False             # resolved against the config file's directory
-    later: Optional[str] = None       # the capability that will use it, if not this version
-    metavar: Optional[str] = None
+    """One setting.  (A plain class: dataclasses would pull inspect & co. into every worker.)"""
+    __slots__ = ("name", "parse", "default", "help", "cli", "example", "is_path", "later", "metavar")
+
+    def __init__(self, name, parse, default, help, cli=(), example=None, is_path=False, later=None,
+                 metavar=None):
+        self.name = name          # the INI key
+        self.parse = parse        # str -> value, raises ValueError("what is wrong")
+        self.default = default
+        self.help = help
+        self.cli = cli            # command-line flags
+        self.example = example    # the value config.ini.example shows (default: the default)
+        self.is_path = is_path    # resolved against the config file's directory
+        self.later = later        # the capability that will use it, if not this version
+        self.metavar = metavar
+
+
+def _default_tmp_dir():
+    """What tempfile.gettempdir() would pick, without importing tempfile."""
+    for d in (os.environ.get("TMPDIR"), os.environ.get("TEMP"), os.environ.get("TMP"), "/tmp", "/var/tmp"):
+        if d and os.path.isdir(d) and os.access(d, os.W_OK | os.X_OK):
+            return d
+    return os.getcwd()
 
 
 def _fmt_default(st):
@@ -353,7 +362,7 @@ def _check_together(cfg):
             raise ConfigError(f"{where}: [{SECTION}] pid_file: {d}: no such directory")
         if not os.access(d, os.W_OK | os.X_OK):
             raise ConfigError(f"{where}: [{SECTION}] pid_file: {d}: not writable")
-    tmp = v["tmp_dir"] or tempfile.gettempdir()
+    tmp = v["tmp_dir"] or _default_tmp_dir()
     if not os.path.isdir(tmp) or not os.access(tmp, os.W_OK | os.X_OK):
         raise ConfigError(f"{where}: [{SECTION}] tmp_dir: {tmp}: not a writable directory")
     v["tmp_dir"] = tmp
