@@ -22,7 +22,9 @@ import collections
 import errno
 import fcntl
 import logging
+import mmap
 import os
+import random
 import select
 import signal
 import sys
@@ -30,6 +32,7 @@ import time
 import traceback
 
 from . import logs, worker
+from ._blaze import ffi
 
 log = logging.getLogger("blazewsgi.error")
 
@@ -38,14 +41,17 @@ HANDLED = ("TERM", "INT", "QUIT", "HUP", "TTIN", "TTOU", "USR1", "CHLD")
 
 
 class Worker:
-    __slots__ = ("pid", "age", "ready", "retiring", "started")
+    __slots__ = ("pid", "age", "ready", "retiring", "started", "slot", "max_requests", "hung")
 
-    def __init__(self, pid, age):
+    def __init__(self, pid, age, slot, max_requests):
         self.pid = pid
         self.age = age
         self.ready = False
         self.retiring = False
         self.started = time.monotonic()
+        self.slot = slot                  # index into the shared blaze_slot array
+        self.max_requests = max_requests  # 0: never recycled
+        self.hung = False
 
 
 def _describe(code):
@@ -73,6 +79,12 @@ class Arbiter:
         self.deaths = collections.deque(maxlen=10)
         self.spawn_after = 0.0
         self.pid = os.getpid()
+        # Shared memory the workers' C loops write (heartbeat, time in the app,
+        # request count) and the master reads without asking them.  Twice
+        # max_workers slots: a HUP runs old and new workers side by side.
+        self.nslots = 2 * cfg.max_workers + 2
+        self.slot_mem = mmap.mmap(-1, self.nslots * ffi.sizeof("blaze_slot"))
+        self.slots = ffi.from_buffer("blaze_slot[]", self.slot_mem)
 
     # ---- setup ----
     def _install_signals(self):
@@ -149,8 +161,37 @@ class Arbiter:
         rc = self.reap()
         if rc is not None:
             return rc
+        self.check_health()
         self.spawn_missing()
         return None
+
+    def check_health(self):
+        """A worker stuck in one request past `timeout` (no bytes sent meanwhile), or whose
+        loop stopped ticking, gets its Python stack dumped to the log, then is killed."""
+        timeout = self.cfg.timeout
+        if not timeout:
+            return
+        now = time.monotonic()
+        for w in list(self.workers.values()):
+            if w.hung or not w.ready:
+                continue
+            s = self.slots[w.slot]
+            busy, beat = s.busy_since, s.heartbeat
+            if busy and now - busy > timeout:
+                why = f"in one request for {now - busy:.1f} s without sending (timeout {timeout:g} s)"
+            elif not busy and beat and now - beat > max(timeout, 10.0):
+                why = f"its loop has not ticked for {now - beat:.1f} s"
+            else:
+                continue
+            log.error("Worker %d is stuck: %s; dumping its Python stack and replacing it", w.pid, why)
+            w.hung = True
+            w.retiring = True
+            try:
+                os.kill(w.pid, worker.DUMP_SIGNAL)    # faulthandler writes every thread's stack
+                time.sleep(0.3)
+                os.kill(w.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     # ---- signal handlers (run from the loop, never from the signal) ----
     def handle_chld(self):
@@ -206,17 +247,28 @@ class Arbiter:
         while len(self._current()) < self.target and now >= self.spawn_after:
             self.spawn()
 
+    def _free_slot(self):
+        used = {w.slot for w in self.workers.values()}
+        return next(i for i in range(self.nslots) if i not in used)
+
     def spawn(self):
         self.age += 1
+        slot = self._free_slot()
+        ffi.memmove(ffi.addressof(self.slots, slot), bytes(ffi.sizeof("blaze_slot")), ffi.sizeof("blaze_slot"))
+        max_requests = 0
+        if self.cfg.max_requests:
+            max_requests = self.cfg.max_requests + random.randint(0, self.cfg.max_requests_jitter)
         pid = os.fork()
         if pid:
-            self.workers[pid] = Worker(pid, self.age)
+            self.slots[slot].pid = pid
+            self.workers[pid] = Worker(pid, self.age, slot, max_requests)
             return
         code = 1
         try:
             os.close(self.wake_r)
             os.close(self.ready_r)
-            code = worker.run(self.cfg, self.listeners, self.ready_w, self.pid)
+            code = worker.run(self.cfg, self.listeners, self.ready_w, self.pid,
+                              ffi.addressof(self.slots, slot), max_requests)
         except BaseException:
             traceback.print_exc()
         finally:
@@ -261,6 +313,13 @@ class Arbiter:
             if w is None:
                 continue
             code = os.waitstatus_to_exitcode(status)
+            if w.hung:
+                log.info("Worker %d (stuck) killed; a new one replaces it", pid)
+                continue
+            if code == 0 and not w.retiring and w.max_requests and \
+                    self.slots[w.slot].requests >= w.max_requests:
+                log.info("Worker %d recycled after %d requests (max_requests)", pid, self.slots[w.slot].requests)
+                continue
             if w.retiring and code in (0, -signal.SIGTERM):
                 log.info("Worker %d stopped", pid)   # SIGTERM before its loop ran: still our stop
                 continue
@@ -290,7 +349,7 @@ class Arbiter:
 
     def stop(self, graceful):
         sig = signal.SIGTERM if graceful else signal.SIGQUIT
-        limit = self.cfg.graceful_timeout + 5.0 if graceful else 3.0
+        limit = self.cfg.graceful_timeout + 2.0 if graceful else 3.0   # then SIGKILL
         for w in list(self.workers.values()):
             try:
                 os.kill(w.pid, sig)

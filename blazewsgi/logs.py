@@ -31,6 +31,14 @@ class DailyFileHandler(logging.Handler):
             os.close(self._fd)
         self._fd, self._day = fd, day
 
+    def fileno(self):
+        """Today's file descriptor (opened if needed): faulthandler writes here."""
+        with self.lock:
+            day = self.clock()
+            if day != self._day:
+                self._open(day)
+            return self._fd
+
     def reopen(self):
         with self.lock:
             self._day = None

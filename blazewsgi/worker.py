@@ -8,6 +8,7 @@ Exit codes: 0 normal stop, 1 setup failure, WORKER_BOOT_ERROR when the
 application cannot be imported (the master then stops instead of forking
 forever).
 """
+import faulthandler
 import logging
 import os
 import signal
@@ -18,13 +19,17 @@ from . import loader, wsgi
 from ._blaze import ffi, lib
 
 WORKER_BOOT_ERROR = 3
+# The master sends this to a stuck worker: faulthandler dumps every thread's
+# Python stack to the log, from inside the signal handler, even while the
+# app's code is running.
+DUMP_SIGNAL = signal.SIGUSR2
 MASTER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD,
                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2)
 
 log = logging.getLogger("blazewsgi.error")
 
 
-def _limits(cfg, master_pid):
+def _limits(cfg, master_pid, slot, max_requests):
     tmp = ffi.new("char[]", cfg.tmp_dir.encode())
     lim = ffi.new("blaze_limits *", {
         "max_connections": cfg.max_connections,
@@ -40,16 +45,28 @@ def _limits(cfg, master_pid):
         "body_buffer_size": cfg.body_buffer_size,
         "tmp_dir": tmp,
         "parent_pid": master_pid,
+        "max_requests": max_requests,
+        "slot": slot,
     })
     return lim, tmp     # tmp must outlive blaze_loop_new (it copies it)
 
 
-def run(cfg, listeners, ready_fd, master_pid):
+def _log_fd():
+    """The descriptor the server log goes to (the daily file or stderr)."""
+    from .logs import DailyFileHandler
+    for h in logging.getLogger("blazewsgi").handlers:
+        if isinstance(h, DailyFileHandler):
+            return h.fileno()
+    return sys.stderr.fileno()
+
+
+def run(cfg, listeners, ready_fd, master_pid, slot=ffi.NULL, max_requests=0):
     """Serve until stopped; returns the process exit code."""
     signal.set_wakeup_fd(-1)
     for sig in MASTER_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)     # reloads are the master's business
+    faulthandler.register(DUMP_SIGNAL, file=_log_fd(), all_threads=True)
     try:
         app = loader.load_app(cfg.wsgi_path)
     except BaseException:
@@ -59,7 +76,7 @@ def run(cfg, listeners, ready_fd, master_pid):
         log.error("Cannot import the application %r:\n%s", cfg.wsgi_path, traceback.format_exc().rstrip())
         return WORKER_BOOT_ERROR
     wsgi.setup(app, listeners, multiprocess=cfg.max_workers > 1)
-    lim, tmp = _limits(cfg, master_pid)
+    lim, tmp = _limits(cfg, master_pid, slot, max_requests)
     err = ffi.new("char[256]")
     loop = lib.blaze_loop_new(lim, err, 256)
     if loop == ffi.NULL:

@@ -96,6 +96,7 @@ struct blaze_loop {
     size_t head_cap, head_len;
     blaze_conn *head_conn;                    /* whose head it is (borrowed) */
     blaze_keyset keysets[BLAZE_KEYSETS];      /* key sets Python has seen, by slot */
+    unsigned long long responses;             /* completed, for max_requests and the slot */
 };
 
 struct blaze_conn {
@@ -164,6 +165,18 @@ void loop_conn_closed(blaze_loop *loop, blaze_conn *c);
 void loop_maybe_exit(blaze_loop *loop);
 int loop_scratch_reserve(blaze_loop *loop, size_t need);
 extern char blaze_date_header[64];
+
+void loop_stop_graceful(blaze_loop *loop);
+/* max_requests: does the response being framed now end this worker's run? */
+int loop_last_response(const blaze_loop *loop);
+
+/* blaze_stats.c */
+double stats_now(void);
+void stats_heartbeat(blaze_loop *loop);
+void stats_busy(blaze_loop *loop);
+void stats_idle(blaze_loop *loop);
+void stats_response_done(blaze_loop *loop);
+void stats_connections(blaze_loop *loop);
 
 /* blaze_conn.c */
 blaze_conn *conn_new(blaze_loop *loop, int fd, int listener, const struct sockaddr *sa, int salen);

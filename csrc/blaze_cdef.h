@@ -9,6 +9,19 @@
 typedef struct blaze_loop blaze_loop;
 typedef struct blaze_conn blaze_conn;
 
+/* One worker's slot in the shared-memory region the master maps before
+ * forking.  Single writer (that worker's C loop), lock-free; the master
+ * reads it without asking the worker.  Times are CLOCK_MONOTONIC seconds,
+ * the clock of Python's time.monotonic(). */
+typedef struct {
+    long long pid;
+    double heartbeat;             /* refreshed every loop tick (1 s) */
+    double busy_since;            /* app running and not sending since then; 0: not in the app */
+    unsigned long long requests;  /* responses completed */
+    unsigned long long connections; /* open now */
+    unsigned long long spare[11]; /* room for the metrics counters */
+} blaze_slot;
+
 /* Limits and timeouts of one worker's loop; copied by blaze_loop_new. */
 typedef struct {
     int max_connections;          /* open connections before accepting pauses */
@@ -24,6 +37,8 @@ typedef struct {
     long long body_buffer_size;   /* larger request bodies spill to a temporary file */
     const char *tmp_dir;          /* where spilled bodies go (copied) */
     int parent_pid;               /* the master: the loop stops gracefully when it is gone */
+    long long max_requests;       /* stop gracefully after this many responses; 0: never */
+    blaze_slot *slot;             /* this worker's shared-memory slot, or NULL */
 } blaze_limits;
 
 /* One parsed request, valid for the duration of blaze_py_request only. */

@@ -273,6 +273,10 @@ static void response_done(blaze_conn *c)
     c->served++;
     http_request_reset(c);
     c->state = CONN_DRAIN;
+    stats_response_done(c->loop);
+    if (c->loop->lim.max_requests > 0 &&
+        c->loop->responses >= (unsigned long long)c->loop->lim.max_requests)
+        loop_stop_graceful(c->loop);      /* recycled: the master starts a fresh worker */
 }
 
 /* Act on what Python returned. 0: keep stepping; -1: stop (c may be gone). */
@@ -317,13 +321,19 @@ static int dispatch(blaze_conn *c)
         return -1;
     }
     c->state = CONN_APP;
-    return after_python(c, blaze_py_request(c, req.keyset, req.values, req.values_len, req.listener, &req));
+    stats_busy(c->loop);
+    int rc = blaze_py_request(c, req.keyset, req.values, req.values_len, req.listener, &req);
+    stats_idle(c->loop);
+    return after_python(c, rc);
 }
 
 static void resume(blaze_conn *c)
 {
     c->state = CONN_APP;
-    if (after_python(c, blaze_py_resume(c, c->id)) == 0)
+    stats_busy(c->loop);
+    int rc = blaze_py_resume(c, c->id);
+    stats_idle(c->loop);
+    if (after_python(c, rc) == 0)
         conn_step(c);
 }
 

@@ -722,7 +722,10 @@ int http_build_environ(blaze_conn *c, blaze_request *req)
     } else {
         struct http_parser_url pu;
         http_parser_url_init(&pu);
-        if (http_parser_parse_url(u, ulen, 0, &pu) != 0)
+        /* absolute-form only: a scheme and a host, and a path (if any) from "/" */
+        if (http_parser_parse_url(u, ulen, 0, &pu) != 0 ||
+            !(pu.field_set & (1 << UF_SCHEMA)) || !(pu.field_set & (1 << UF_HOST)) ||
+            ((pu.field_set & (1 << UF_PATH)) && u[pu.field_data[UF_PATH].off] != '/'))
             return 400;
         if (pu.field_set & (1 << UF_PATH)) {
             path = u + pu.field_data[UF_PATH].off;

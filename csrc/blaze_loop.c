@@ -75,6 +75,7 @@ void loop_conn_opened(blaze_loop *loop, blaze_conn *c)
         loop->conns->prev = c;
     loop->conns = c;
     loop->nconns++;
+    stats_connections(loop);
     if (loop->nconns >= loop->lim.max_connections)
         set_accepting(loop, 0);
 }
@@ -88,6 +89,7 @@ void loop_conn_closed(blaze_loop *loop, blaze_conn *c)
     if (c->next)
         c->next->prev = c->prev;
     loop->nconns--;
+    stats_connections(loop);
     if (!loop->stopping && loop->nconns < loop->lim.max_connections)
         set_accepting(loop, 1);
     loop_maybe_exit(loop);
@@ -112,6 +114,19 @@ int loop_scratch_reserve(blaze_loop *loop, size_t need)
     loop->scratch = p;
     loop->scratch_cap = cap;
     return BLAZE_OK;
+}
+
+int loop_last_response(const blaze_loop *loop)
+{
+    return loop->lim.max_requests > 0 &&
+           loop->responses + 1 >= (unsigned long long)loop->lim.max_requests;
+}
+
+static void stop_graceful(blaze_loop *loop);
+
+void loop_stop_graceful(blaze_loop *loop)
+{
+    stop_graceful(loop);
 }
 
 static void stop_graceful(blaze_loop *loop)
@@ -159,6 +174,7 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     write_update_date();
+    stats_heartbeat(loop);
     if (loop->lim.parent_pid > 0 && getppid() != loop->lim.parent_pid)
         stop_graceful(loop);     /* orphaned: the master is gone */
 }
@@ -258,6 +274,7 @@ int blaze_loop_listen(blaze_loop *loop, int fd, char *err, size_t errlen)
 int blaze_loop_run(blaze_loop *loop)
 {
     write_update_date();
+    stats_heartbeat(loop);
     if (event_base_dispatch(loop->base) < 0)
         return 1;
     /* Fast stop or graceful timeout: whatever is left is closed now. */

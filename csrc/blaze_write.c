@@ -202,7 +202,7 @@ static int frame_head(blaze_conn *c, const char *status, size_t slen, const char
     } else {
         c->resp_close = 1;        /* HTTP/1.0 and no length: the close ends the body */
     }
-    if (!c->keepalive || c->resp_close || loop->stopping) {
+    if (!c->keepalive || c->resp_close || loop->stopping || loop_last_response(loop)) {
         c->resp_close = 1;
         if (!c->http10)
             PUT_LIT(p, "Connection: close\r\n");
@@ -279,6 +279,7 @@ long long blaze_resp_write(blaze_conn *c, const char *data, size_t len)
     }
     if (n > 0 && conn_send(c, iov, n) != BLAZE_OK)
         return -1;
+    stats_busy(c->loop);      /* sending is progress: a streaming app is not hung */
     return write_pending(c);
 }
 
