@@ -5,9 +5,13 @@ signal.set_wakeup_fd's pipe and dispatches to handle_<signal>.
   TERM        graceful stop: workers finish in-flight requests
               (bounded by graceful_timeout), then exit 0.
   INT, QUIT   fast stop.
-  HUP         rolling restart: new workers import the app anew; the old
-              ones stop gracefully once the new ones are ready.  The
-              sockets stay open in the master throughout.
+  HUP         zero-downtime reload: re-read the config file, start a new
+              generation of workers that import the app anew, and stop the
+              old ones gracefully once the new ones are ready.  The sockets
+              stay open in the master throughout; a config or import error
+              leaves the old workers serving.
+  USR2        upgrade: re-exec a new master that inherits the sockets; once
+              its workers are ready it stops this one (gracefully).
   TTIN, TTOU  one worker more / fewer, within [min_workers, max_workers].
   USR1        reopen log files.
   CHLD        reap; a worker that died is replaced at once (with backoff
@@ -27,6 +31,7 @@ import os
 import random
 import select
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -37,13 +42,17 @@ from ._blaze import ffi
 log = logging.getLogger("blazewsgi.error")
 
 EXIT_APP_IMPORT = 3
-HANDLED = ("TERM", "INT", "QUIT", "HUP", "TTIN", "TTOU", "USR1", "CHLD")
+HANDLED = ("TERM", "INT", "QUIT", "HUP", "TTIN", "TTOU", "USR1", "USR2", "CHLD")
+MAX_SLOTS = 2 * 512 + 8           # workers of two generations at most max_workers (<= 512) each
+INHERIT_ENV = "BLAZEWSGI_INHERIT_FDS"     # USR2: sockets handed to the new master
+PREDECESSOR_ENV = "BLAZEWSGI_PREDECESSOR"  # USR2: the old master, stopped once we are ready
 
 
 class Worker:
-    __slots__ = ("pid", "age", "ready", "retiring", "started", "slot", "max_requests", "hung")
+    __slots__ = ("pid", "age", "ready", "retiring", "started", "slot", "max_requests", "hung", "gen")
 
-    def __init__(self, pid, age, slot, max_requests):
+    def __init__(self, pid, age, slot, max_requests, gen):
+        self.gen = gen                    # the reload generation it belongs to
         self.pid = pid
         self.age = age
         self.ready = False
@@ -60,6 +69,22 @@ def _describe(code):
     return f"exited with code {code}"
 
 
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _owns_pid_file(path, pid):
+    try:
+        with open(path) as f:
+            return f.read().strip() == str(pid)
+    except OSError:
+        return False
+
+
 def _nonblocking_pipe():
     r, w = os.pipe2(os.O_CLOEXEC)
     for fd in (r, w):
@@ -67,10 +92,36 @@ def _nonblocking_pipe():
     return r, w
 
 
+def notify(msg):
+    """sd_notify(3): tell systemd about READY / RELOADING / STOPPING (no-op without NOTIFY_SOCKET)."""
+    path = NOTIFY_SOCKET
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(msg.encode(), path)
+    except OSError as e:
+        log.warning("sd_notify to %s failed: %s", NOTIFY_SOCKET, e)
+
+
+# Read once and removed from the environment, so workers and the app don't see it.
+NOTIFY_SOCKET = os.environ.pop("NOTIFY_SOCKET", None)
+
+
 class Arbiter:
-    def __init__(self, cfg, listeners):
+    def __init__(self, cfg, listeners, reload_config=None):
         self.cfg = cfg
         self.listeners = listeners
+        self.reload_config = reload_config      # () -> Config, raises ConfigError
+        self.gen = 0                            # bumped by every reload
+        self.reloading = False
+        self.successor = None                   # USR2: pid of the new master
+        self.handed_over = False                # the sockets now belong to the successor
+        self.folded = 0                         # requests of workers that are gone
+        self.samples = collections.deque()      # (time, total requests) for the scaling rate
+        self.last_scale = time.monotonic()
         self.workers = {}                 # pid -> Worker
         self.target = cfg.min_workers
         self.age = 0
@@ -82,7 +133,7 @@ class Arbiter:
         # Shared memory the workers' C loops write (heartbeat, time in the app,
         # request count) and the master reads without asking them.  Twice
         # max_workers slots: a HUP runs old and new workers side by side.
-        self.nslots = 2 * cfg.max_workers + 2
+        self.nslots = MAX_SLOTS
         self.slot_mem = mmap.mmap(-1, self.nslots * ffi.sizeof("blaze_slot"))
         self.slots = ffi.from_buffer("blaze_slot[]", self.slot_mem)
 
@@ -140,12 +191,16 @@ class Arbiter:
             data = os.read(self.ready_r, 4096)
         except BlockingIOError:
             return
+        first = not self.booted
         for line in data.split():
             w = self.workers.get(int(line))
             if w is not None and not w.ready:
                 w.ready = True
                 self.booted = True
                 log.info("Worker %d ready", w.pid)
+        if first and self.booted:
+            notify(f"READY=1\nMAINPID={self.pid}")
+            self._stop_predecessor()
         self._retire_replaced()
 
     def _dispatch_signals(self):
@@ -162,8 +217,39 @@ class Arbiter:
         if rc is not None:
             return rc
         self.check_health()
+        self.autoscale()
         self.spawn_missing()
         return None
+
+    def autoscale(self):
+        """The scaling rule (README "Dynamic scaling"): the server-wide request rate over
+        scale_window seconds, from the workers' shared counters; one step at a time; up needs
+        scale_window s since the last step, down scale_down_delay s.  Thresholds low < high
+        give the hysteresis."""
+        cfg = self.cfg
+        now = time.monotonic()
+        total = self.folded + sum(self.slots[w.slot].requests for w in self.workers.values())
+        if self.samples and now - self.samples[-1][0] < 0.5:
+            return
+        self.samples.append((now, total))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= cfg.scale_window:
+            self.samples.popleft()
+        t0, n0 = self.samples[0]
+        if now - t0 < cfg.scale_window * 0.9 or self.reloading or cfg.min_workers == cfg.max_workers:
+            return
+        rate = (total - n0) / (now - t0)
+        since = now - self.last_scale
+        if rate > cfg.scale_threshold_high and self.target < cfg.max_workers and since >= cfg.scale_window:
+            self.target += 1
+            self.last_scale = now
+            log.info("Scaling up to %d workers: %.1f req/s over the last %.1f s > scale_threshold_high %g",
+                     self.target, rate, now - t0, cfg.scale_threshold_high)
+        elif rate < cfg.scale_threshold_low and self.target > cfg.min_workers and since >= cfg.scale_down_delay:
+            self.target -= 1
+            self.last_scale = now
+            log.info("Scaling down to %d workers: %.1f req/s over the last %.1f s < scale_threshold_low %g",
+                     self.target, rate, now - t0, cfg.scale_threshold_low)
+            self._retire_extra()
 
     def check_health(self):
         """A worker stuck in one request past `timeout` (no bytes sent meanwhile), or whose
@@ -198,7 +284,12 @@ class Arbiter:
         return None               # manage() reaps after every wakeup
 
     def handle_term(self):
-        log.info("SIGTERM: graceful stop")
+        if self.successor is not None and _alive(self.successor):
+            self.handed_over = True    # the new master owns the sockets and the pid file now
+            log.info("SIGTERM: graceful stop; the sockets stay with the new master %d", self.successor)
+        else:
+            log.info("SIGTERM: graceful stop")
+        notify("STOPPING=1")
         return self.stop(graceful=True)
 
     def handle_int(self):
@@ -210,11 +301,60 @@ class Arbiter:
         return self.stop(graceful=False)
 
     def handle_hup(self):
-        log.info("SIGHUP: starting %d new worker(s); old ones stop when they are ready", self.target)
-        for w in self.workers.values():
-            w.retiring = True     # replaced: no longer counted towards target
+        if self.reloading:
+            log.info("SIGHUP: a reload is already under way")
+            return None
+        notify("RELOADING=1")
+        if self.reload_config is not None:
+            from .config import ConfigError
+            try:
+                new = self.reload_config()
+            except ConfigError as e:
+                log.error("Reload aborted, the config has an error (old workers keep serving): %s", e)
+                notify("READY=1")
+                return None
+            if new.sockets != self.cfg.sockets:
+                log.warning("Reload: sockets changed in %s; a restart (or USR2) is needed to apply that",
+                            new.source)
+                new._values["sockets"] = self.cfg.sockets
+            self.cfg = new
+            self.target = max(new.min_workers, min(self.target, new.max_workers))
+        self.gen += 1
+        self.reloading = True
+        log.info("Reloading: starting %d new worker(s); the old ones stop when the new ones are ready",
+                 self.target)
         self.spawn_missing()
         return None
+
+    def handle_usr2(self):
+        if self.successor is not None:
+            log.info("SIGUSR2: an upgrade is already under way (new master %d)", self.successor)
+            return None
+        fds = ",".join(str(lst.fileno()) for lst in self.listeners)
+        env = dict(os.environ, **{INHERIT_ENV: fds, PREDECESSOR_ENV: str(self.pid)})
+        if NOTIFY_SOCKET:
+            env["NOTIFY_SOCKET"] = NOTIFY_SOCKET
+        argv = [sys.executable, "-m", "blazewsgi"] + sys.argv[1:]
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for lst in self.listeners:
+                    os.set_inheritable(lst.fileno(), True)
+                os.execve(sys.executable, argv, env)
+            finally:
+                os._exit(1)
+        self.successor = pid
+        log.info("SIGUSR2: new master %d starting with the same sockets; this one stops when it is ready", pid)
+        return None
+
+    def _stop_predecessor(self):
+        pred = os.environ.pop(PREDECESSOR_ENV, None)
+        if pred:
+            log.info("Ready: stopping the old master %s", pred)
+            try:
+                os.kill(int(pred), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
 
     def handle_ttin(self):
         if self.target < self.cfg.max_workers:
@@ -240,7 +380,7 @@ class Arbiter:
 
     # ---- workers ----
     def _current(self):
-        return [w for w in self.workers.values() if not w.retiring]
+        return [w for w in self.workers.values() if w.gen == self.gen and not w.retiring]
 
     def spawn_missing(self):
         now = time.monotonic()
@@ -261,7 +401,7 @@ class Arbiter:
         pid = os.fork()
         if pid:
             self.slots[slot].pid = pid
-            self.workers[pid] = Worker(pid, self.age, slot, max_requests)
+            self.workers[pid] = Worker(pid, self.age, slot, max_requests, self.gen)
             return
         code = 1
         try:
@@ -289,12 +429,27 @@ class Arbiter:
 
     def _retire_replaced(self):
         """After a HUP: once as many new workers are ready as needed, stop the old ones."""
-        old = [w for w in self.workers.values() if w.retiring]
-        if not old:
+        if not self.reloading:
             return
-        if sum(1 for w in self._current() if w.ready) >= self.target:
-            for w in old:
+        if sum(1 for w in self._current() if w.ready) < self.target:
+            return
+        old = [w for w in self.workers.values() if w.gen < self.gen and not w.retiring]
+        for w in old:
+            self._retire(w)
+        self.reloading = False
+        log.info("Reload complete: %d new worker(s) serving, %d old one(s) stopping gracefully",
+                 len(self._current()), len(old))
+        notify("READY=1")
+
+    def _reload_failed(self, why):
+        """The new generation cannot start: the old one goes on serving."""
+        log.error("Reload failed: %s; the old workers keep serving", why)
+        for w in list(self.workers.values()):
+            if w.gen == self.gen and not w.retiring:
                 self._retire(w)
+        self.gen -= 1
+        self.reloading = False
+        notify("READY=1")
 
     def _retire_extra(self):
         extra = sorted(self._current(), key=lambda w: w.age, reverse=True)[: len(self._current()) - self.target]
@@ -309,9 +464,15 @@ class Arbiter:
                 return None
             if pid == 0:
                 return None
+            if pid == self.successor:
+                log.error("The new master %d exited (%s); this one goes on serving", pid,
+                          _describe(os.waitstatus_to_exitcode(status)))
+                self.successor = None
+                continue
             w = self.workers.pop(pid, None)
             if w is None:
                 continue
+            self.folded += self.slots[w.slot].requests
             code = os.waitstatus_to_exitcode(status)
             if w.hung:
                 log.info("Worker %d (stuck) killed; a new one replaces it", pid)
@@ -322,6 +483,11 @@ class Arbiter:
                 continue
             if w.retiring and code in (0, -signal.SIGTERM):
                 log.info("Worker %d stopped", pid)   # SIGTERM before its loop ran: still our stop
+                continue
+            if self.reloading and w.gen == self.gen and not w.ready:
+                self._reload_failed(f"a new worker {_describe(code)} while loading the application"
+                                    if code != worker.WORKER_BOOT_ERROR else
+                                    "the new application cannot be imported (traceback above)")
                 continue
             if not w.ready and not self.booted:
                 # No worker ever got ready: loading the app fails (an exception,
@@ -392,8 +558,8 @@ class Arbiter:
 
     def _cleanup(self):
         for lst in self.listeners:
-            lst.close()
-        if self.cfg.pid_file:
+            lst.close(unlink=not self.handed_over)
+        if self.cfg.pid_file and _owns_pid_file(self.cfg.pid_file, self.pid):
             try:
                 os.unlink(self.cfg.pid_file)
             except OSError as e:

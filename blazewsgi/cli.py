@@ -9,6 +9,7 @@ runtime failure (a socket that cannot be bound), 2 configuration error,
 3 the application cannot be imported.
 """
 import argparse
+import os
 import sys
 
 from . import __version__, logs
@@ -61,16 +62,37 @@ def main(argv=None):
         if st.later and cfg.non_default(st.name) and st.name not in ("ssl",):
             log.warning("%s is set but not used by this version (it arrives with %s)", st.name, st.later)
 
-    from .arbiter import Arbiter
-    from .sockets import SocketError, bind_all
+    from .arbiter import INHERIT_ENV, Arbiter
+    from .sockets import SocketError, bind_all, from_fds
 
     try:
-        listeners = bind_all(cfg.sockets, cfg.socket_mode, cfg.backlog, cfg.base_dir)
-    except (SocketError, ValueError) as e:
+        inherited = _inherited_fds(INHERIT_ENV)
+        if inherited:
+            listeners = from_fds(inherited)
+            log.info("Using %d inherited socket(s); the sockets setting is not re-bound", len(listeners))
+        else:
+            listeners = bind_all(cfg.sockets, cfg.socket_mode, cfg.backlog, cfg.base_dir)
+    except (SocketError, ValueError, OSError) as e:
         log.error("%s", e)
         print(f"blazewsgi: error: {e}", file=sys.stderr) if cfg.log_dir else None
         return 1
-    return Arbiter(cfg, listeners).run()
+    return Arbiter(cfg, listeners, reload_config=lambda: Config.load(args.config, overrides)).run()
+
+
+def _inherited_fds(inherit_env):
+    """Listening descriptors handed to us: by systemd socket activation
+    (LISTEN_FDS/LISTEN_PID, fds from 3) or by our predecessor on USR2.
+    The variables are removed so workers and the app don't see them."""
+    fds = []
+    n = os.environ.pop("LISTEN_FDS", None)
+    pid = os.environ.pop("LISTEN_PID", None)
+    os.environ.pop("LISTEN_FDNAMES", None)
+    if n and pid == str(os.getpid()):
+        fds = list(range(3, 3 + int(n)))
+    handed = os.environ.pop(inherit_env, None)
+    if handed:
+        fds = [int(x) for x in handed.split(",") if x]
+    return fds
 
 
 if __name__ == "__main__":

@@ -187,9 +187,15 @@ SETTINGS = [
     Setting("rate_limit", _int(0), 0, "Most requests one client may make per minute; 0 turns it off.",
             later="rate limiting"),
     Setting("scale_threshold_high", _float(0.0), 1000.0,
-            "Requests/second (server-wide) above which a worker is added.", later="dynamic worker scaling"),
+            "Requests/second (server-wide, over scale_window) above which a worker is added, "
+            "one at a time, up to max_workers."),
     Setting("scale_threshold_low", _float(0.0), 200.0,
-            "Requests/second below which a worker is removed.", later="dynamic worker scaling"),
+            "Requests/second below which a worker is retired gracefully, one at a time, down to "
+            "min_workers (must be below scale_threshold_high: the gap is the hysteresis)."),
+    Setting("scale_window", _float(0.5), 3.0,
+            "Seconds the request rate is averaged over; also the least time between two steps up."),
+    Setting("scale_down_delay", _float(0.5), 5.0,
+            "Least seconds since the previous scaling step before a worker is removed."),
     Setting("log_dir", _str, None,
             "Directory for daily log files YYYY-MM-DD.log; empty logs to stderr.",
             cli=("--log-dir",), is_path=True, example="", metavar="DIR"),

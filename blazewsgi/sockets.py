@@ -143,3 +143,24 @@ def bind_all(addresses, mode=0o660, backlog=2048, base_dir="."):
         raise
     return bound
 
+
+def from_fds(fds):
+    """Listeners from inherited descriptors (systemd LISTEN_FDS, or the old master on USR2)."""
+    out = []
+    for fd in fds:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as e:
+            raise SocketError(f"inherited socket fd {fd}: {e.strerror}") from None
+        if sock.type != socket.SOCK_STREAM or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) != 1:
+            raise SocketError(f"inherited fd {fd} is not a listening stream socket")
+        sock.set_inheritable(True)
+        if sock.family == socket.AF_UNIX:
+            path = sock.getsockname()
+            path = path.decode() if isinstance(path, bytes) else path
+            out.append(Listener(sock, "unix", f"unix:{path}", "localhost", "80", path=path or None))
+        else:
+            host, port = sock.getsockname()[:2]
+            shown = f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
+            out.append(Listener(sock, "tcp", shown, host, str(port)))
+    return out

@@ -55,7 +55,9 @@ typedef enum {
     CONN_DEAD     /* closed during a Python call; freed when the call returns */
 } blaze_conn_state;
 
-typedef enum { TIMER_NONE, TIMER_HEADER, TIMER_KEEPALIVE, TIMER_IO, TIMER_LINGER } blaze_timer;
+typedef enum { TIMER_NONE, TIMER_HEADER, TIMER_KEEPALIVE, TIMER_IO, TIMER_LINGER, TIMER_STOPPING } blaze_timer;
+/* Seconds an idle keep-alive connection is kept once a graceful stop began. */
+#define BLAZE_STOP_IDLE 1.0
 typedef enum { BODY_NONE, BODY_LENGTH, BODY_CHUNKED } blaze_body_kind;
 
 typedef struct { uint32_t off, len; } blaze_span;          /* offsets into conn->buf */
@@ -83,7 +85,7 @@ struct blaze_loop {
     struct event *accept_pause;               /* owned: re-enables accepting after EMFILE */
     int accepting;                            /* listeners enabled */
     struct event *sig_term, *sig_int, *sig_quit, *tick, *grace; /* owned */
-    const struct timeval *tv_header, *tv_keepalive, *tv_io, *tv_linger; /* common timeouts */
+    const struct timeval *tv_header, *tv_keepalive, *tv_io, *tv_linger, *tv_stopping; /* common timeouts */
     blaze_conn *conns;                        /* live connections (owned, via conn_free) */
     int nconns;
     int stopping;                             /* graceful stop requested */

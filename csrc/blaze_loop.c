@@ -212,6 +212,7 @@ blaze_loop *blaze_loop_new(const blaze_limits *limits, char *err, size_t errlen)
     loop->tv_keepalive = common_timeout(loop->base, limits->keepalive_timeout);
     loop->tv_io = common_timeout(loop->base, limits->io_timeout);
     loop->tv_linger = common_timeout(loop->base, 2.0);
+    loop->tv_stopping = common_timeout(loop->base, BLAZE_STOP_IDLE);
     loop->sig_term = evsignal_new(loop->base, SIGTERM, on_signal, loop);
     loop->sig_int = evsignal_new(loop->base, SIGINT, on_signal, loop);
     loop->sig_quit = evsignal_new(loop->base, SIGQUIT, on_signal, loop);
@@ -219,7 +220,7 @@ blaze_loop *blaze_loop_new(const blaze_limits *limits, char *err, size_t errlen)
     loop->grace = evtimer_new(loop->base, on_grace_over, loop);
     loop->accept_pause = evtimer_new(loop->base, on_accept_pause_over, loop);
     if (!loop->sig_term || !loop->sig_int || !loop->sig_quit || !loop->tick || !loop->grace || !loop->accept_pause ||
-        !loop->tv_header || !loop->tv_keepalive || !loop->tv_io || !loop->tv_linger) {
+        !loop->tv_header || !loop->tv_keepalive || !loop->tv_io || !loop->tv_linger || !loop->tv_stopping) {
         snprintf(err, errlen, "cannot create loop events");
         goto fail;
     }

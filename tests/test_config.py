@@ -290,8 +290,10 @@ def test_concept_document_keys_are_accepted(workdir, launched):
     assert len(logs) == 1 and re.fullmatch(r"\d{4}-\d\d-\d\d\.log", logs[0]), logs
     text = (workdir / "logs" / logs[0]).read_text()
     assert "Listening at 127.0.0.1:%d" % port in text
-    for later in ("metrics_port", "rate_limit", "scale_threshold_high", "scale_threshold_low"):
+    for later in ("metrics_port", "rate_limit"):
         assert f"{later} is set but not used by this version" in text, later
+    for used in ("scale_threshold_high", "scale_threshold_low", "min_workers", "log_dir"):
+        assert f"{used} is set but not used" not in text, used
 
 
 # ---------------------------------------------------------------- running from the command line

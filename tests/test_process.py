@@ -482,10 +482,12 @@ def test_hup_with_broken_code_keeps_old_workers_serving(server_factory, tmp_path
     for _ in range(5):
         assert get_text(srv) == f"good {old}"
     assert srv.proc.poll() is None
-    # a fixed deploy is picked up (after the restart backoff) without another signal
+    assert "Reload failed" in srv.output()
+    # the failed reload is over: a fixed deploy is picked up by the next HUP
     with open(path, "w") as f:
         f.write(VERSIONED.format(v="fixed"))
-    wait_until(lambda: get_text(srv).startswith("fixed "), 40, interval=0.2, what="the fixed code to be served")
+    srv.send(signal.SIGHUP)
+    wait_until(lambda: get_text(srv).startswith("fixed "), 20, interval=0.2, what="the fixed code to be served")
     wait_until(lambda: len(srv.worker_pids()) == 1, 10, what="the old worker to retire")
     assert srv.stop() == 0
 
