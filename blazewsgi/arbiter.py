@@ -290,7 +290,9 @@ class Arbiter:
         else:
             log.info("SIGTERM: graceful stop")
         notify("STOPPING=1")
-        return self.stop(graceful=True)
+        # Handed over: the service goes on, so workers retire (SIGHUP) and keep idle
+        # keep-alive connections until their next response instead of cutting them.
+        return self.stop(graceful=True, retire=self.handed_over)
 
     def handle_int(self):
         log.info("SIGINT: fast stop")
@@ -421,9 +423,12 @@ class Arbiter:
             os._exit(code if isinstance(code, int) else 1)
 
     def _retire(self, w):
+        """Stop a worker gracefully while the server goes on: SIGHUP makes a ready worker's
+        loop keep idle keep-alive connections until their next response (no reset races);
+        a worker still booting just gets SIGTERM."""
         w.retiring = True
         try:
-            os.kill(w.pid, signal.SIGTERM)
+            os.kill(w.pid, signal.SIGHUP if w.ready else signal.SIGTERM)
         except ProcessLookupError:
             pass
 
@@ -513,12 +518,12 @@ class Arbiter:
             self.spawn_after = now + delay
             log.warning("Workers keep dying (%d in 10 s): next start in %d s", len(recent), delay)
 
-    def stop(self, graceful):
+    def stop(self, graceful, retire=False):
         sig = signal.SIGTERM if graceful else signal.SIGQUIT
         limit = self.cfg.graceful_timeout + 2.0 if graceful else 3.0   # then SIGKILL
         for w in list(self.workers.values()):
             try:
-                os.kill(w.pid, sig)
+                os.kill(w.pid, signal.SIGHUP if retire and w.ready else sig)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + limit

@@ -66,9 +66,9 @@ def main(argv=None):
     from .sockets import SocketError, bind_all, from_fds
 
     try:
-        inherited = _inherited_fds(INHERIT_ENV)
+        inherited, owned = _inherited_fds(INHERIT_ENV)
         if inherited:
-            listeners = from_fds(inherited)
+            listeners = from_fds(inherited, owned)
             log.info("Using %d inherited socket(s); the sockets setting is not re-bound", len(listeners))
         else:
             listeners = bind_all(cfg.sockets, cfg.socket_mode, cfg.backlog, cfg.base_dir)
@@ -80,19 +80,20 @@ def main(argv=None):
 
 
 def _inherited_fds(inherit_env):
-    """Listening descriptors handed to us: by systemd socket activation
-    (LISTEN_FDS/LISTEN_PID, fds from 3) or by our predecessor on USR2.
-    The variables are removed so workers and the app don't see them."""
-    fds = []
+    """Listening descriptors handed to us, and whether we own them: by systemd
+    socket activation (LISTEN_FDS/LISTEN_PID, fds from 3; systemd owns them) or by
+    our predecessor on USR2 (ours now).  The variables are removed so workers and
+    the app don't see them."""
+    fds, owned = [], True
     n = os.environ.pop("LISTEN_FDS", None)
     pid = os.environ.pop("LISTEN_PID", None)
     os.environ.pop("LISTEN_FDNAMES", None)
     if n and pid == str(os.getpid()):
-        fds = list(range(3, 3 + int(n)))
+        fds, owned = list(range(3, 3 + int(n))), False     # systemd's sockets
     handed = os.environ.pop(inherit_env, None)
     if handed:
-        fds = [int(x) for x in handed.split(",") if x]
-    return fds
+        fds, owned = [int(x) for x in handed.split(",") if x], True
+    return fds, owned
 
 
 if __name__ == "__main__":

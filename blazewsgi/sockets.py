@@ -45,13 +45,14 @@ def parse_address(addr):
 class Listener:
     """One bound, listening socket owned by the master."""
 
-    def __init__(self, sock, kind, name, server_name, server_port, path=None):
+    def __init__(self, sock, kind, name, server_name, server_port, path=None, owned=True):
         self.sock = sock
         self.kind = kind            # "unix" or "tcp"
         self.name = name            # as shown in logs: unix:/p or host:port
         self.server_name = server_name
         self.server_port = server_port
         self.path = path
+        self.owned = owned          # False: systemd's socket file, never removed by us
         self._inode = os.stat(path).st_ino if path else None
 
     def fileno(self):
@@ -60,7 +61,7 @@ class Listener:
     def close(self, unlink=True):
         """Close; remove our socket file (only if it is still ours)."""
         self.sock.close()
-        if unlink and self.path:
+        if unlink and self.owned and self.path:
             try:
                 if os.stat(self.path).st_ino == self._inode:
                     os.unlink(self.path)
@@ -144,8 +145,9 @@ def bind_all(addresses, mode=0o660, backlog=2048, base_dir="."):
     return bound
 
 
-def from_fds(fds):
-    """Listeners from inherited descriptors (systemd LISTEN_FDS, or the old master on USR2)."""
+def from_fds(fds, owned=True):
+    """Listeners from inherited descriptors: the old master's on USR2 (owned: we remove
+    the socket file at the end), or systemd's socket activation (not owned)."""
     out = []
     for fd in fds:
         try:
@@ -158,9 +160,10 @@ def from_fds(fds):
         if sock.family == socket.AF_UNIX:
             path = sock.getsockname()
             path = path.decode() if isinstance(path, bytes) else path
-            out.append(Listener(sock, "unix", f"unix:{path}", "localhost", "80", path=path or None))
+            out.append(Listener(sock, "unix", f"unix:{path}", "localhost", "80", path=path or None,
+                                owned=owned))
         else:
             host, port = sock.getsockname()[:2]
             shown = f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
-            out.append(Listener(sock, "tcp", shown, host, str(port)))
+            out.append(Listener(sock, "tcp", shown, host, str(port), owned=owned))
     return out

@@ -65,7 +65,8 @@ def run(cfg, listeners, ready_fd, master_pid, slot=ffi.NULL, max_requests=0):
     signal.set_wakeup_fd(-1)
     for sig in MASTER_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)     # reloads are the master's business
+    # Until the C loop installs its handlers: SIGHUP (retire) is only sent to ready workers.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     faulthandler.register(DUMP_SIGNAL, file=_log_fd(), all_threads=True)
     try:
         app = loader.load_app(cfg.wsgi_path)

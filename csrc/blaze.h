@@ -55,9 +55,7 @@ typedef enum {
     CONN_DEAD     /* closed during a Python call; freed when the call returns */
 } blaze_conn_state;
 
-typedef enum { TIMER_NONE, TIMER_HEADER, TIMER_KEEPALIVE, TIMER_IO, TIMER_LINGER, TIMER_STOPPING } blaze_timer;
-/* Seconds an idle keep-alive connection is kept once a graceful stop began. */
-#define BLAZE_STOP_IDLE 1.0
+typedef enum { TIMER_NONE, TIMER_HEADER, TIMER_KEEPALIVE, TIMER_IO, TIMER_LINGER } blaze_timer;
 typedef enum { BODY_NONE, BODY_LENGTH, BODY_CHUNKED } blaze_body_kind;
 
 typedef struct { uint32_t off, len; } blaze_span;          /* offsets into conn->buf */
@@ -84,8 +82,8 @@ struct blaze_loop {
     int nlisteners;
     struct event *accept_pause;               /* owned: re-enables accepting after EMFILE */
     int accepting;                            /* listeners enabled */
-    struct event *sig_term, *sig_int, *sig_quit, *tick, *grace; /* owned */
-    const struct timeval *tv_header, *tv_keepalive, *tv_io, *tv_linger, *tv_stopping; /* common timeouts */
+    struct event *sig_event, *tick, *grace;   /* owned */
+    const struct timeval *tv_header, *tv_keepalive, *tv_io, *tv_linger; /* common timeouts */
     blaze_conn *conns;                        /* live connections (owned, via conn_free) */
     int nconns;
     int stopping;                             /* graceful stop requested */
@@ -169,6 +167,8 @@ int loop_scratch_reserve(blaze_loop *loop, size_t need);
 extern char blaze_date_header[64];
 
 void loop_stop_graceful(blaze_loop *loop);
+/* A graceful stop began, or SIGTERM arrived and the loop has not seen it yet. */
+int loop_stopping(const blaze_loop *loop);
 /* max_requests: does the response being framed now end this worker's run? */
 int loop_last_response(const blaze_loop *loop);
 

@@ -33,10 +33,8 @@ static void conn_step(blaze_conn *c);
 
 static void timer_set(blaze_conn *c, blaze_timer kind)
 {
-    if (kind == c->timer && (kind == TIMER_HEADER || kind == TIMER_LINGER || kind == TIMER_STOPPING))
+    if (kind == c->timer && (kind == TIMER_HEADER || kind == TIMER_LINGER))
         return;     /* deadlines are not pushed back by progress */
-    if (c->loop->stopping && kind == TIMER_KEEPALIVE)
-        kind = TIMER_STOPPING;    /* stopping: idle connections get the short last chance */
     c->timer = kind;
     const struct timeval *tv;
     switch (kind) {
@@ -44,7 +42,6 @@ static void timer_set(blaze_conn *c, blaze_timer kind)
     case TIMER_KEEPALIVE: tv = c->loop->tv_keepalive; break;
     case TIMER_IO: tv = c->loop->tv_io; break;
     case TIMER_LINGER: tv = c->loop->tv_linger; break;
-    case TIMER_STOPPING: tv = c->loop->tv_stopping; break;
     case TIMER_NONE:
     default:
         event_del(c->ev_timer);
@@ -172,14 +169,11 @@ void conn_broken(blaze_conn *c)
 }
 
 /* Graceful stop: a connection between requests is closed now. */
-/* Graceful stop: a connection between requests is not closed at once --
- * its client may be sending the next request right now, and closing would
- * reset it.  It gets a short last chance: a request that arrives is
- * answered with Connection: close; silence for BLAZE_STOP_IDLE closes it. */
+/* SIGTERM stop: a connection between requests is closed now. */
 void conn_close_if_idle(blaze_conn *c)
 {
     if (c->state == CONN_HEAD && c->len == c->start)
-        timer_set(c, TIMER_STOPPING);
+        conn_free(c);
 }
 
 int conn_send(blaze_conn *c, const struct iovec *iov, int n)
@@ -275,7 +269,7 @@ static void response_done(blaze_conn *c)
         memmove(c->buf, c->buf + consumed, c->len - consumed);
     c->len -= consumed;
     c->start = 0;
-    if (c->resp_close || !c->keepalive || c->loop->stopping)
+    if (c->resp_close || !c->keepalive)   /* frame_head said Connection: close */
         c->closing = 1;
     c->served++;
     http_request_reset(c);

@@ -1,16 +1,22 @@
 /* The loop of one worker: event base, listeners, signals, timers, run/stop.
  *
- * Signals in a worker belong to this loop (libevent signal events): the
- * Python code of a worker runs only inside request callbacks, so a Python
- * signal handler would not run while the loop waits.
+ * Signals in a worker belong to this loop: the Python code of a worker
+ * runs only inside request callbacks, so a Python signal handler would
+ * not run while the loop waits.  Our handler only sets a flag and writes
+ * a byte to a self-pipe the loop watches (as libevent's own does); the
+ * flag also lets a response framed *while* the app runs -- after SIGTERM
+ * arrived but before the loop saw it -- already say Connection: close.
  *   SIGTERM          graceful stop: stop accepting, close idle connections,
  *                    finish in-flight requests, bounded by graceful_timeout.
+ *   SIGHUP           retire (the master replaces this worker): the same, but
+ *                    idle keep-alive connections are not cut (stop_graceful).
  *   SIGINT, SIGQUIT  fast stop: leave the loop now.
  * A one-second tick refreshes the Date header and notices a dead master.
  */
 #include "blaze.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -122,24 +128,33 @@ int loop_last_response(const blaze_loop *loop)
            loop->responses + 1 >= (unsigned long long)loop->lim.max_requests;
 }
 
-static void stop_graceful(blaze_loop *loop);
+static void stop_graceful(blaze_loop *loop, int close_idle);
 
 void loop_stop_graceful(blaze_loop *loop)
 {
-    stop_graceful(loop);
+    stop_graceful(loop, 0);
 }
 
-static void stop_graceful(blaze_loop *loop)
+/* Stop accepting; finish what is in flight.  close_idle (SIGTERM: the
+ * server is going away) closes connections between requests now; a retiring
+ * worker (SIGHUP from the master on reload or scale-down, max_requests)
+ * keeps them until their next response (which says close) or their
+ * keep-alive timeout, so a client sending right now is not reset. */
+static void stop_graceful(blaze_loop *loop, int close_idle)
 {
-    if (loop->stopping)
+    if (close_idle) {
+        /* conn_close_if_idle may free the connection: fetch next first. */
+        for (blaze_conn *c = loop->conns, *next; c; c = next) {
+            next = c->next;
+            conn_close_if_idle(c);
+        }
+    }
+    if (loop->stopping) {
+        loop_maybe_exit(loop);
         return;
+    }
     loop->stopping = 1;
     set_accepting(loop, 0);
-    /* conn_close_if_idle may free the connection: fetch next first. */
-    for (blaze_conn *c = loop->conns, *next; c; c = next) {
-        next = c->next;
-        conn_close_if_idle(c);
-    }
     struct timeval tv;
     tv.tv_sec = (time_t)loop->lim.graceful_timeout;
     tv.tv_usec = (suseconds_t)((loop->lim.graceful_timeout - (double)tv.tv_sec) * 1e6);
@@ -147,16 +162,63 @@ static void stop_graceful(blaze_loop *loop)
     loop_maybe_exit(loop);
 }
 
-static void on_signal(evutil_socket_t sig, short what, void *arg)
+static volatile sig_atomic_t term_pending, quit_pending, retire_pending;
+static int signal_pipe[2] = {-1, -1};
+
+static void signal_handler(int sig)
+{
+    int saved = errno;
+    if (sig == SIGTERM)
+        term_pending = 1;
+    else if (sig == SIGHUP)
+        retire_pending = 1;
+    else
+        quit_pending = 1;
+    char b = 1;
+    if (write(signal_pipe[1], &b, 1) < 0) {
+        /* the pipe is full: a wakeup is already pending */
+    }
+    errno = saved;
+}
+
+int loop_stopping(const blaze_loop *loop)
+{
+    return loop->stopping || term_pending || retire_pending;
+}
+
+static void on_signal(evutil_socket_t fd, short what, void *arg)
 {
     blaze_loop *loop = arg;
+    char buf[64];
     (void)what;
-    if (sig == SIGTERM) {
-        stop_graceful(loop);
-    } else {
+    while (read(fd, buf, sizeof(buf)) > 0)
+        ;
+    if (quit_pending) {
         loop->exit_code = 0;
         event_base_loopbreak(loop->base);
+    } else if (term_pending) {
+        stop_graceful(loop, 1);
+    } else if (retire_pending) {
+        stop_graceful(loop, 0);
     }
+}
+
+static int install_signals(blaze_loop *loop)
+{
+    if (signal_pipe[0] < 0 && pipe2(signal_pipe, O_NONBLOCK | O_CLOEXEC) != 0)
+        return BLAZE_ERR;
+    loop->sig_event = event_new(loop->base, signal_pipe[0], EV_READ | EV_PERSIST, on_signal, loop);
+    if (loop->sig_event == NULL || event_add(loop->sig_event, NULL) != 0)
+        return BLAZE_ERR;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = signal_handler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    if (sigaction(SIGTERM, &sa, NULL) || sigaction(SIGINT, &sa, NULL) || sigaction(SIGQUIT, &sa, NULL) ||
+        sigaction(SIGHUP, &sa, NULL))
+        return BLAZE_ERR;
+    return BLAZE_OK;
 }
 
 static void on_grace_over(evutil_socket_t fd, short what, void *arg)
@@ -176,7 +238,7 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
     write_update_date();
     stats_heartbeat(loop);
     if (loop->lim.parent_pid > 0 && getppid() != loop->lim.parent_pid)
-        stop_graceful(loop);     /* orphaned: the master is gone */
+        stop_graceful(loop, 1);  /* orphaned: the master is gone */
 }
 
 static const struct timeval *common_timeout(struct event_base *base, double seconds)
@@ -212,21 +274,16 @@ blaze_loop *blaze_loop_new(const blaze_limits *limits, char *err, size_t errlen)
     loop->tv_keepalive = common_timeout(loop->base, limits->keepalive_timeout);
     loop->tv_io = common_timeout(loop->base, limits->io_timeout);
     loop->tv_linger = common_timeout(loop->base, 2.0);
-    loop->tv_stopping = common_timeout(loop->base, BLAZE_STOP_IDLE);
-    loop->sig_term = evsignal_new(loop->base, SIGTERM, on_signal, loop);
-    loop->sig_int = evsignal_new(loop->base, SIGINT, on_signal, loop);
-    loop->sig_quit = evsignal_new(loop->base, SIGQUIT, on_signal, loop);
     loop->tick = event_new(loop->base, -1, EV_PERSIST, on_tick, loop);
     loop->grace = evtimer_new(loop->base, on_grace_over, loop);
     loop->accept_pause = evtimer_new(loop->base, on_accept_pause_over, loop);
-    if (!loop->sig_term || !loop->sig_int || !loop->sig_quit || !loop->tick || !loop->grace || !loop->accept_pause ||
-        !loop->tv_header || !loop->tv_keepalive || !loop->tv_io || !loop->tv_linger || !loop->tv_stopping) {
+    if (!loop->tick || !loop->grace || !loop->accept_pause ||
+        !loop->tv_header || !loop->tv_keepalive || !loop->tv_io || !loop->tv_linger) {
         snprintf(err, errlen, "cannot create loop events");
         goto fail;
     }
     struct timeval one = {1, 0};
-    if (evsignal_add(loop->sig_term, NULL) || evsignal_add(loop->sig_int, NULL) ||
-        evsignal_add(loop->sig_quit, NULL) || event_add(loop->tick, &one)) {
+    if (install_signals(loop) != BLAZE_OK || event_add(loop->tick, &one)) {
         snprintf(err, errlen, "cannot register signal handlers");
         goto fail;
     }
@@ -276,6 +333,10 @@ int blaze_loop_run(blaze_loop *loop)
 {
     write_update_date();
     stats_heartbeat(loop);
+    if (term_pending || retire_pending)
+        stop_graceful(loop, term_pending);
+    if (quit_pending)
+        return 0;
     if (event_base_dispatch(loop->base) < 0)
         return 1;
     /* Fast stop or graceful timeout: whatever is left is closed now. */
@@ -293,9 +354,7 @@ void blaze_loop_free(blaze_loop *loop)
     for (int i = 0; i < loop->nlisteners; i++)
         event_free(loop->listeners[i].ev);
     if (loop->accept_pause) event_free(loop->accept_pause);
-    if (loop->sig_term) event_free(loop->sig_term);
-    if (loop->sig_int) event_free(loop->sig_int);
-    if (loop->sig_quit) event_free(loop->sig_quit);
+    if (loop->sig_event) event_free(loop->sig_event);
     if (loop->tick) event_free(loop->tick);
     if (loop->grace) event_free(loop->grace);
     if (loop->base) event_base_free(loop->base);
