@@ -136,6 +136,8 @@ class Arbiter:
         self.nslots = MAX_SLOTS
         self.slot_mem = mmap.mmap(-1, self.nslots * ffi.sizeof("blaze_slot"))
         self.slots = ffi.from_buffer("blaze_slot[]", self.slot_mem)
+        from .metrics import Metrics
+        self.metrics = Metrics(self)
 
     # ---- setup ----
     def _install_signals(self):
@@ -157,6 +159,14 @@ class Arbiter:
                 with open(self.cfg.pid_file, "w") as f:
                     f.write(f"{self.pid}\n")
             os.environ["BLAZEWSGI_WORKERS"] = str(self.target)
+            if self.cfg.metrics_port:
+                os.environ["BLAZEWSGI_METRICS_PORT"] = str(self.cfg.metrics_port)
+                try:
+                    self.metrics.serve(self.cfg.metrics_bind, self.cfg.metrics_port)
+                except OSError as e:
+                    log.error("metrics_port: cannot listen on %s:%d: %s", self.cfg.metrics_bind,
+                              self.cfg.metrics_port, e.strerror)
+                    return 1
             for lst in self.listeners:
                 log.info("Listening at %s", lst.name)
             log.info("Master %d starting %d worker(s) for %s", self.pid, self.target, self.cfg.wsgi_path)
@@ -170,6 +180,7 @@ class Arbiter:
                 if rc is not None:
                     return rc
         finally:
+            self.metrics.stop()
             self._cleanup()
 
     def _sleep(self, timeout):
@@ -242,11 +253,13 @@ class Arbiter:
         if rate > cfg.scale_threshold_high and self.target < cfg.max_workers and since >= cfg.scale_window:
             self.target += 1
             self.last_scale = now
+            self.metrics.scaling["up"] += 1
             log.info("Scaling up to %d workers: %.1f req/s over the last %.1f s > scale_threshold_high %g",
                      self.target, rate, now - t0, cfg.scale_threshold_high)
         elif rate < cfg.scale_threshold_low and self.target > cfg.min_workers and since >= cfg.scale_down_delay:
             self.target -= 1
             self.last_scale = now
+            self.metrics.scaling["down"] += 1
             log.info("Scaling down to %d workers: %.1f req/s over the last %.1f s < scale_threshold_low %g",
                      self.target, rate, now - t0, cfg.scale_threshold_low)
             self._retire_extra()
@@ -312,6 +325,7 @@ class Arbiter:
             try:
                 new = self.reload_config()
             except ConfigError as e:
+                self.metrics.reloads["failed"] += 1
                 log.error("Reload aborted, the config has an error (old workers keep serving): %s", e)
                 notify("READY=1")
                 return None
@@ -402,6 +416,7 @@ class Arbiter:
             max_requests = self.cfg.max_requests + random.randint(0, self.cfg.max_requests_jitter)
         pid = os.fork()
         if pid:
+            self.metrics.starts += 1
             self.slots[slot].pid = pid
             self.workers[pid] = Worker(pid, self.age, slot, max_requests, self.gen)
             return
@@ -409,6 +424,7 @@ class Arbiter:
         try:
             os.close(self.wake_r)
             os.close(self.ready_r)
+            self.metrics.close_in_child()
             code = worker.run(self.cfg, self.listeners, self.ready_w, self.pid,
                               ffi.addressof(self.slots, slot), max_requests)
         except BaseException:
@@ -442,6 +458,8 @@ class Arbiter:
         for w in old:
             self._retire(w)
         self.reloading = False
+        self.metrics.reloads["ok"] += 1
+        self.metrics.generation += 1
         log.info("Reload complete: %d new worker(s) serving, %d old one(s) stopping gracefully",
                  len(self._current()), len(old))
         notify("READY=1")
@@ -449,6 +467,7 @@ class Arbiter:
     def _reload_failed(self, why):
         """The new generation cannot start: the old one goes on serving."""
         log.error("Reload failed: %s; the old workers keep serving", why)
+        self.metrics.reloads["failed"] += 1
         for w in list(self.workers.values()):
             if w.gen == self.gen and not w.retiring:
                 self._retire(w)
@@ -478,17 +497,22 @@ class Arbiter:
             if w is None:
                 continue
             self.folded += self.slots[w.slot].requests
+            self.metrics.fold(self.slots[w.slot])
             code = os.waitstatus_to_exitcode(status)
             if w.hung:
+                self.metrics.worker_exit("hung")
                 log.info("Worker %d (stuck) killed; a new one replaces it", pid)
                 continue
             if code == 0 and not w.retiring and w.max_requests and \
                     self.slots[w.slot].requests >= w.max_requests:
+                self.metrics.worker_exit("recycled")
                 log.info("Worker %d recycled after %d requests (max_requests)", pid, self.slots[w.slot].requests)
                 continue
             if w.retiring and code in (0, -signal.SIGTERM):
+                self.metrics.worker_exit("retired")
                 log.info("Worker %d stopped", pid)   # SIGTERM before its loop ran: still our stop
                 continue
+            self.metrics.worker_exit("crash")
             if self.reloading and w.gen == self.gen and not w.ready:
                 self._reload_failed(f"a new worker {_describe(code)} while loading the application"
                                     if code != worker.WORKER_BOOT_ERROR else
@@ -546,9 +570,16 @@ class Arbiter:
                 pid, _ = os.waitpid(-1, 0)
             except ChildProcessError:
                 break
-            self.workers.pop(pid, None)
+            self._forget(pid)
         log.info("Master %d stopped", self.pid)
         return 0
+
+    def _forget(self, pid):
+        """A worker that ended during a stop: keep its counts."""
+        w = self.workers.pop(pid, None)
+        if w is not None:
+            self.metrics.fold(self.slots[w.slot])
+            self.metrics.worker_exit("stopped")
 
     def _reap_quietly(self):
         while True:
@@ -559,7 +590,7 @@ class Arbiter:
                 return
             if pid == 0:
                 return
-            self.workers.pop(pid, None)
+            self._forget(pid)
 
     def _cleanup(self):
         for lst in self.listeners:

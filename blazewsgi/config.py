@@ -182,8 +182,8 @@ SETTINGS = [
     Setting("ssl", _bool, False, "Serve HTTPS with OpenSSL (needs ssl_certfile and ssl_keyfile).",
             later="TLS support (this version refuses ssl=true rather than serve plain HTTP)"),
     Setting("metrics_port", _int(0, 65535), 0,
-            "Port of the Prometheus metrics endpoint on metrics_bind; 0 turns it off.",
-            later="the metrics endpoint"),
+            "Port of the master's Prometheus endpoint (/metrics, /, and /healthz) on metrics_bind; "
+            "0 turns it off.", cli=("--metrics-port",)),
     Setting("rate_limit", _int(0), 0, "Most requests one client may make per minute; 0 turns it off.",
             later="rate limiting"),
     Setting("scale_threshold_high", _float(0.0), 1000.0,
@@ -243,8 +243,7 @@ SETTINGS = [
             cli=("--log-level",)),
     Setting("access_log", _bool, True, "Write a line per request.", later="the access log"),
     # --- capabilities of later versions, validated now ---
-    Setting("metrics_bind", _str, "127.0.0.1", "Address the metrics endpoint binds to.",
-            later="the metrics endpoint"),
+    Setting("metrics_bind", _str, "127.0.0.1", "Address the metrics endpoint binds to."),
     Setting("forwarded_allow_ips", _list, ["127.0.0.1", "::1"],
             "Peers whose X-Forwarded-For / X-Real-IP is trusted (Unix socket peers always are).",
             later="forwarded client addresses"),

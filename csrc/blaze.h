@@ -148,6 +148,12 @@ struct blaze_conn {
     int body_fd;                              /* owned: -1 or the spill file */
     uint64_t body_total;
 
+    /* Metrics of the request being served. */
+    double t_start;                           /* head complete (CLOCK_MONOTONIC), 0: none */
+    int method_index;                         /* stats_method_index, OTHER until parsed */
+    int resp_status;                          /* status code being sent */
+    unsigned in_flight : 1;                   /* counted in the slot's in_flight */
+
     /* Response. */
     unsigned resp_started : 1;                /* status line and headers are queued */
     unsigned resp_chunked : 1;
@@ -177,7 +183,11 @@ double stats_now(void);
 void stats_heartbeat(blaze_loop *loop);
 void stats_busy(blaze_loop *loop);
 void stats_idle(blaze_loop *loop);
-void stats_response_done(blaze_loop *loop);
+int stats_method_index(int http_method);
+void stats_response(blaze_loop *loop, int method_index, int status, double started);
+void stats_parse_error(blaze_loop *loop);
+void stats_in_flight(blaze_loop *loop, int delta);
+void stats_bytes(blaze_loop *loop, size_t in, size_t out);
 void stats_connections(blaze_loop *loop);
 
 /* blaze_conn.c */

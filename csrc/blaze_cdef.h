@@ -19,8 +19,17 @@ typedef struct {
     double busy_since;            /* app running and not sending since then; 0: not in the app */
     unsigned long long requests;  /* responses completed */
     unsigned long long connections; /* open now */
-    unsigned long long spare[11]; /* room for the metrics counters */
+    unsigned long long in_flight; /* requests handed to the app and not finished */
+    unsigned long long bytes_in;  /* received on client connections */
+    unsigned long long bytes_out; /* sent on client connections */
+    unsigned long long parse_errors; /* requests the HTTP layer answered with an error */
+    unsigned long long rate_limited;
+    unsigned long long by_method_status[8][5]; /* [GET HEAD POST PUT DELETE PATCH OPTIONS OTHER][1xx..5xx] */
+    unsigned long long latency[15]; /* per bucket, not cumulative: le 0.5ms .. 10s, then +Inf */
+    double latency_sum;           /* seconds */
 } blaze_slot;
+
+enum { BLAZE_METHODS = 8, BLAZE_LATENCY_BUCKETS = 15 };
 
 /* Limits and timeouts of one worker's loop; copied by blaze_loop_new. */
 typedef struct {

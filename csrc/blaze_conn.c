@@ -30,6 +30,7 @@ static void on_read(evutil_socket_t fd, short what, void *arg);
 static void on_write(evutil_socket_t fd, short what, void *arg);
 static void on_timer(evutil_socket_t fd, short what, void *arg);
 static void conn_step(blaze_conn *c);
+static void request_left(blaze_conn *c);
 
 static void timer_set(blaze_conn *c, blaze_timer kind)
 {
@@ -132,6 +133,7 @@ fail:
 void conn_free(blaze_conn *c)
 {
     blaze_loop *loop = c->loop;
+    request_left(c);
     if (c->py_stream) {
         c->py_stream = 0;
         blaze_py_abort(c->id);      /* Python closes the app's iterable */
@@ -199,6 +201,7 @@ int conn_send(blaze_conn *c, const struct iovec *iov, int n)
             w = 0;
         }
         done = (size_t)w;
+        stats_bytes(c->loop, 0, done);
         if (done == total)
             return BLAZE_OK;
     }
@@ -251,6 +254,10 @@ void conn_send_error(blaze_conn *c, int status, const char *why)
     struct iovec iov[2] = {{head, (size_t)hl}, {body, c->is_head ? 0 : (size_t)bl}};
     if (c->loop->head_conn == c)
         c->loop->head_conn = NULL;
+    if (status != 500)
+        stats_parse_error(c->loop);        /* the HTTP layer refused the request */
+    stats_response(c->loop, c->method_index, status, c->t_start);
+    request_left(c);
     if (conn_send(c, iov, 2) != BLAZE_OK)
         return;
     c->state = CONN_LINGER;
@@ -272,9 +279,10 @@ static void response_done(blaze_conn *c)
     if (c->resp_close || !c->keepalive)   /* frame_head said Connection: close */
         c->closing = 1;
     c->served++;
+    stats_response(c->loop, c->method_index, c->resp_status, c->t_start);
+    request_left(c);
     http_request_reset(c);
     c->state = CONN_DRAIN;
-    stats_response_done(c->loop);
     if (c->loop->lim.max_requests > 0 &&
         c->loop->responses >= (unsigned long long)c->loop->lim.max_requests)
         loop_stop_graceful(c->loop);      /* recycled: the master starts a fresh worker */
@@ -322,6 +330,8 @@ static int dispatch(blaze_conn *c)
         return -1;
     }
     c->state = CONN_APP;
+    c->in_flight = 1;
+    stats_in_flight(c->loop, 1);
     stats_busy(c->loop);
     int rc = blaze_py_request(c, req.keyset, req.values, req.values_len, req.listener, &req);
     stats_idle(c->loop);
@@ -364,6 +374,7 @@ static void conn_step(blaze_conn *c)
                 conn_send_error(c, status, why);
                 return;
             }
+            c->t_start = stats_now();
             if (c->body_kind == BODY_NONE) {
                 if (dispatch(c) != 0)
                     return;
@@ -419,6 +430,15 @@ static void conn_step(blaze_conn *c)
     }
 }
 
+/* The request no longer counts as in flight (answered, failed or dropped). */
+static void request_left(blaze_conn *c)
+{
+    if (c->in_flight) {
+        c->in_flight = 0;
+        stats_in_flight(c->loop, -1);
+    }
+}
+
 static void on_read(evutil_socket_t fd, short what, void *arg)
 {
     blaze_conn *c = arg;
@@ -427,8 +447,10 @@ static void on_read(evutil_socket_t fd, short what, void *arg)
     if (c->state == CONN_LINGER) {
         for (;;) {
             ssize_t n = recv(fd, c->buf, cap, 0);
-            if (n > 0)
+            if (n > 0) {
+                stats_bytes(c->loop, (size_t)n, 0);
                 continue;
+            }
             if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
                 return;
             conn_free(c);
@@ -445,6 +467,7 @@ static void on_read(evutil_socket_t fd, short what, void *arg)
     }
     ssize_t n = recv(fd, c->buf + c->len, cap - c->len, 0);
     if (n > 0) {
+        stats_bytes(c->loop, (size_t)n, 0);
         c->len += (size_t)n;
         conn_step(c);
     } else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
@@ -464,6 +487,7 @@ static void on_write(evutil_socket_t fd, short what, void *arg)
             conn_free(c);
             return;
         }
+        stats_bytes(c->loop, 0, (size_t)n);
         if (c->timer != TIMER_LINGER)
             timer_set(c, TIMER_IO);
         long long left = write_pending(c);

@@ -146,6 +146,9 @@ void http_request_reset(blaze_conn *c)
         c->body = NULL;
         c->body_cap = 0;
     }
+    c->t_start = 0;
+    c->method_index = BLAZE_METHODS - 1;
+    c->resp_status = 0;
     c->resp_started = 0;
     c->resp_chunked = 0;
     c->resp_nobody = 0;
@@ -232,7 +235,11 @@ static blaze_io scan_head(blaze_conn *c, int *status, const char **why)
             FAIL(400, "bare CR in request head");
         if (n == 0) {
             if (c->nlines == 0) {                      /* RFC 9112 2.2: ignore leading CRLF */
-                c->start = c->line = c->scan = end + 1;
+                /* drop it from the buffer too, so it never eats head space */
+                size_t keep = c->len - (end + 1);
+                memmove(c->buf + c->start, c->buf + end + 1, keep);
+                c->len = c->start + keep;
+                c->line = c->scan = c->start;
                 continue;
             }
             c->head_end = end + 1;
@@ -396,6 +403,7 @@ blaze_io http_read_head(blaze_conn *c, int *status, const char **why)
         FAIL(400, "asterisk-form is only for OPTIONS");
 
     c->is_head = c->parser.method == HTTP_HEAD;
+    c->method_index = stats_method_index((int)c->parser.method);
     c->keepalive = http_should_keep_alive(&c->parser) ? 1 : 0;
     if (n_te) {
         c->body_kind = BODY_CHUNKED;

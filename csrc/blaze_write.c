@@ -91,6 +91,7 @@ static int frame_head(blaze_conn *c, const char *status, size_t slen, const char
         if (!blaze_field_char((unsigned char)status[i]))
             BAD("invalid character in status line");
     int code = (status[0] - '0') * 100 + (status[1] - '0') * 10 + (status[2] - '0');
+    c->resp_status = code;
     if (nhdrs < 0 || (nhdrs == 0 && hlen != 0))
         BAD("malformed header list");
 
@@ -325,6 +326,8 @@ long long blaze_resp_flush(blaze_conn *c, long long below)
     int ms = (int)(c->loop->lim.io_timeout * 1000.0);
     while (c->state != CONN_DEAD && write_pending(c) > below) {
         int n = evbuffer_write(c->out, c->fd);
+        if (n > 0)
+            stats_bytes(c->loop, 0, (size_t)n);
         if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
             conn_broken(c);
             return -1;
