@@ -391,6 +391,13 @@ class Arbiter:
 
     def handle_usr1(self):
         logs.reopen()
+        for w in list(self.workers.values()):
+            if not w.ready:
+                continue                            # a booting worker opens its files when it starts
+            try:
+                os.kill(w.pid, signal.SIGUSR1)     # their C loops flush and reopen the access log
+            except ProcessLookupError:
+                pass
         log.info("SIGUSR1: log files reopened")
         return None
 

@@ -241,7 +241,8 @@ SETTINGS = [
     # --- logging ---
     Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "Server log level.",
             cli=("--log-level",)),
-    Setting("access_log", _bool, True, "Write a line per request.", later="the access log"),
+    Setting("access_log", _bool, True,
+            "Write a line per request (batched by each worker; to log_dir's daily file, else stderr)."),
     # --- capabilities of later versions, validated now ---
     Setting("metrics_bind", _str, "127.0.0.1", "Address the metrics endpoint binds to."),
     Setting("forwarded_allow_ips", _list, ["127.0.0.1", "::1"],

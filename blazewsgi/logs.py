@@ -9,15 +9,28 @@ import datetime
 import logging
 import os
 import sys
+import time
 
 FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
 DATEFMT = "%Y-%m-%d %H:%M:%S"
 
 
+def clock_offset():
+    """Seconds added to the logs' clock: BLAZEWSGI_CLOCK_OFFSET, for testing midnight."""
+    try:
+        return int(float(os.environ.get("BLAZEWSGI_CLOCK_OFFSET", "0")))
+    except ValueError:
+        return 0
+
+
+def _today():
+    return datetime.date.fromtimestamp(time.time() + clock_offset())
+
+
 class DailyFileHandler(logging.Handler):
     """Append to log_dir/<local date>.log, switching files at midnight."""
 
-    def __init__(self, log_dir, clock=datetime.date.today):
+    def __init__(self, log_dir, clock=_today):
         super().__init__()
         self.log_dir = log_dir
         self.clock = clock
@@ -68,7 +81,11 @@ def setup(level="info", log_dir=None):
         root.removeHandler(h)
         h.close()
     handler = DailyFileHandler(log_dir) if log_dir else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
+    formatter = logging.Formatter(FORMAT, DATEFMT)
+    offset = clock_offset()
+    if offset:
+        formatter.converter = lambda t: time.localtime(t + offset)
+    handler.setFormatter(formatter)
     root.addHandler(handler)
     root.setLevel(level.upper())
     root.propagate = False

@@ -15,7 +15,7 @@ import signal
 import sys
 import traceback
 
-from . import loader, wsgi
+from . import loader, logs, wsgi
 from ._blaze import ffi, lib
 
 WORKER_BOOT_ERROR = 3
@@ -31,6 +31,7 @@ log = logging.getLogger("blazewsgi.error")
 
 def _limits(cfg, master_pid, slot, max_requests):
     tmp = ffi.new("char[]", cfg.tmp_dir.encode())
+    log_dir = ffi.new("char[]", cfg.log_dir.encode()) if cfg.log_dir else ffi.NULL
     lim = ffi.new("blaze_limits *", {
         "max_connections": cfg.max_connections,
         "head_buffer_size": cfg.head_buffer_size,
@@ -47,8 +48,11 @@ def _limits(cfg, master_pid, slot, max_requests):
         "parent_pid": master_pid,
         "max_requests": max_requests,
         "slot": slot,
+        "access_log": 1 if cfg.access_log else 0,
+        "log_dir": log_dir,
+        "clock_offset": logs.clock_offset(),
     })
-    return lim, tmp     # tmp must outlive blaze_loop_new (it copies it)
+    return lim, (tmp, log_dir)     # the strings must outlive blaze_loop_new (it copies them)
 
 
 def _log_fd():
@@ -65,8 +69,10 @@ def run(cfg, listeners, ready_fd, master_pid, slot=ffi.NULL, max_requests=0):
     signal.set_wakeup_fd(-1)
     for sig in MASTER_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
-    # Until the C loop installs its handlers: SIGHUP (retire) is only sent to ready workers.
+    # Until the C loop installs its handlers: SIGHUP (retire) and SIGUSR1 (reopen logs)
+    # are only sent to ready workers.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     faulthandler.register(DUMP_SIGNAL, file=_log_fd(), all_threads=True)
     try:
         app = loader.load_app(cfg.wsgi_path)

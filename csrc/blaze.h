@@ -14,6 +14,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <netinet/in.h>
@@ -75,6 +76,19 @@ typedef struct {
     struct event *ev;                         /* owned */
 } blaze_listener;
 
+#define BLAZE_LOG_TARGET_MAX 2048               /* longest request target written to the log */
+typedef struct {
+    int enabled;
+    char *dir;                                /* owned: log_dir, or NULL for stderr */
+    int fd;                                   /* owned (with dir): the open day's file */
+    char fd_day[11];                          /* YYYY-MM-DD of fd */
+    char buf_day[11];                         /* YYYY-MM-DD of the lines in buf */
+    char *buf;                                /* owned: lines not written yet */
+    size_t len;
+    time_t stamp_sec;
+    char stamp[24];                           /* "[YYYY-MM-DD HH:MM:SS]" of stamp_sec */
+} blaze_accesslog;
+
 struct blaze_loop {
     struct event_base *base;                  /* owned */
     blaze_limits lim;                         /* copy; lim.tmp_dir owned */
@@ -97,6 +111,7 @@ struct blaze_loop {
     blaze_conn *head_conn;                    /* whose head it is (borrowed) */
     blaze_keyset keysets[BLAZE_KEYSETS];      /* key sets Python has seen, by slot */
     unsigned long long responses;             /* completed, for max_requests and the slot */
+    blaze_accesslog alog;
 };
 
 struct blaze_conn {
@@ -152,6 +167,8 @@ struct blaze_conn {
     double t_start;                           /* head complete (CLOCK_MONOTONIC), 0: none */
     int method_index;                         /* stats_method_index, OTHER until parsed */
     int resp_status;                          /* status code being sent */
+    char resp_reason[64];                     /* its reason phrase, for the access log */
+    unsigned char resp_reason_len;
     unsigned in_flight : 1;                   /* counted in the slot's in_flight */
 
     /* Response. */
@@ -177,6 +194,13 @@ void loop_stop_graceful(blaze_loop *loop);
 int loop_stopping(const blaze_loop *loop);
 /* max_requests: does the response being framed now end this worker's run? */
 int loop_last_response(const blaze_loop *loop);
+
+/* blaze_log.c */
+int log_init(blaze_loop *loop, char *err, size_t errlen);
+void log_request(blaze_conn *c, int status, const char *reason, size_t reason_len);
+void log_flush(blaze_loop *loop);
+void log_reopen(blaze_loop *loop);
+void log_free(blaze_loop *loop);
 
 /* blaze_stats.c */
 double stats_now(void);

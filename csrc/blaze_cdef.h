@@ -48,6 +48,9 @@ typedef struct {
     int parent_pid;               /* the master: the loop stops gracefully when it is gone */
     long long max_requests;       /* stop gracefully after this many responses; 0: never */
     blaze_slot *slot;             /* this worker's shared-memory slot, or NULL */
+    int access_log;               /* write access lines */
+    const char *log_dir;          /* daily files there (copied), or NULL: stderr */
+    long long clock_offset;       /* seconds added to the log's clock (tests of midnight) */
 } blaze_limits;
 
 /* One parsed request, valid for the duration of blaze_py_request only. */

@@ -256,6 +256,7 @@ void conn_send_error(blaze_conn *c, int status, const char *why)
         c->loop->head_conn = NULL;
     if (status != 500)
         stats_parse_error(c->loop);        /* the HTTP layer refused the request */
+    log_request(c, status, reason, strlen(reason));
     stats_response(c->loop, c->method_index, status, c->t_start);
     request_left(c);
     if (conn_send(c, iov, 2) != BLAZE_OK)
@@ -271,6 +272,8 @@ void conn_send_error(blaze_conn *c, int status, const char *why)
 /* The response is complete: drop the request's bytes, keep what follows. */
 static void response_done(blaze_conn *c)
 {
+    /* logged first: the line quotes the request target from buf */
+    log_request(c, c->resp_status, c->resp_reason, c->resp_reason_len);
     size_t consumed = c->scan;
     if (c->len > consumed)
         memmove(c->buf, c->buf + consumed, c->len - consumed);

@@ -162,7 +162,7 @@ static void stop_graceful(blaze_loop *loop, int close_idle)
     loop_maybe_exit(loop);
 }
 
-static volatile sig_atomic_t term_pending, quit_pending, retire_pending;
+static volatile sig_atomic_t term_pending, quit_pending, retire_pending, reopen_pending;
 static int signal_pipe[2] = {-1, -1};
 
 static void signal_handler(int sig)
@@ -172,6 +172,8 @@ static void signal_handler(int sig)
         term_pending = 1;
     else if (sig == SIGHUP)
         retire_pending = 1;
+    else if (sig == SIGUSR1)
+        reopen_pending = 1;
     else
         quit_pending = 1;
     char b = 1;
@@ -193,6 +195,10 @@ static void on_signal(evutil_socket_t fd, short what, void *arg)
     (void)what;
     while (read(fd, buf, sizeof(buf)) > 0)
         ;
+    if (reopen_pending) {
+        reopen_pending = 0;
+        log_reopen(loop);
+    }
     if (quit_pending) {
         loop->exit_code = 0;
         event_base_loopbreak(loop->base);
@@ -216,7 +222,7 @@ static int install_signals(blaze_loop *loop)
     sigemptyset(&sa.sa_mask);
     sa.sa_flags = SA_RESTART;
     if (sigaction(SIGTERM, &sa, NULL) || sigaction(SIGINT, &sa, NULL) || sigaction(SIGQUIT, &sa, NULL) ||
-        sigaction(SIGHUP, &sa, NULL))
+        sigaction(SIGHUP, &sa, NULL) || sigaction(SIGUSR1, &sa, NULL))
         return BLAZE_ERR;
     return BLAZE_OK;
 }
@@ -237,6 +243,7 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
     (void)what;
     write_update_date();
     stats_heartbeat(loop);
+    log_flush(loop);
     if (loop->lim.parent_pid > 0 && getppid() != loop->lim.parent_pid)
         stop_graceful(loop, 1);  /* orphaned: the master is gone */
 }
@@ -258,6 +265,8 @@ blaze_loop *blaze_loop_new(const blaze_limits *limits, char *err, size_t errlen)
     }
     loop->lim = *limits;
     loop->lim.tmp_dir = NULL;
+    loop->lim.log_dir = limits->log_dir;     /* copied by log_init */
+    loop->alog.fd = -1;
     signal(SIGPIPE, SIG_IGN);   /* a vanished client is an EPIPE, not a dead worker */
     if (limits->head_buffer_size < 256 || limits->limit_request_fields < 1 ||
         limits->max_connections < 1) {
@@ -291,6 +300,9 @@ blaze_loop *blaze_loop_new(const blaze_limits *limits, char *err, size_t errlen)
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
+    if (log_init(loop, err, errlen) != BLAZE_OK)
+        goto fail;
+    loop->lim.log_dir = NULL;                 /* the caller's string: log_init copied it */
     http_settings_init(&loop->settings);
     /* http-parser's own cap (80 KiB by default) must not undercut ours. */
     http_parser_set_max_header_size((uint32_t)BLAZE_BUF_SIZE(limits));
@@ -337,11 +349,14 @@ int blaze_loop_run(blaze_loop *loop)
         stop_graceful(loop, term_pending);
     if (quit_pending)
         return 0;
-    if (event_base_dispatch(loop->base) < 0)
+    if (event_base_dispatch(loop->base) < 0) {
+        log_flush(loop);
         return 1;
+    }
     /* Fast stop or graceful timeout: whatever is left is closed now. */
     while (loop->conns)
         conn_free(loop->conns);
+    log_flush(loop);
     return loop->exit_code;
 }
 
@@ -358,6 +373,7 @@ void blaze_loop_free(blaze_loop *loop)
     if (loop->tick) event_free(loop->tick);
     if (loop->grace) event_free(loop->grace);
     if (loop->base) event_base_free(loop->base);
+    log_free(loop);
     for (int i = 0; i < BLAZE_KEYSETS; i++)
         free(loop->keysets[i].keys);
     free(loop->scratch);

@@ -92,6 +92,11 @@ static int frame_head(blaze_conn *c, const char *status, size_t slen, const char
             BAD("invalid character in status line");
     int code = (status[0] - '0') * 100 + (status[1] - '0') * 10 + (status[2] - '0');
     c->resp_status = code;
+    size_t rl = slen > 4 ? slen - 4 : 0;
+    if (rl > sizeof(c->resp_reason))
+        rl = sizeof(c->resp_reason);
+    memcpy(c->resp_reason, status + 4, rl);
+    c->resp_reason_len = (unsigned char)rl;
     if (nhdrs < 0 || (nhdrs == 0 && hlen != 0))
         BAD("malformed header list");
 

@@ -1,0 +1,139 @@
+/* The access log: one line per response, formatted here into a per-worker
+ * buffer and written in large appends -- when the buffer fills, on the
+ * loop's one-second tick, and when the loop ends -- never a write per
+ * request.  The buffer only ever holds lines of one local day, so a line
+ * always lands in the file named after the date in its own timestamp:
+ * log_dir/YYYY-MM-DD.log (O_APPEND: whole writes of whole lines never
+ * interleave with another worker's), or stderr without log_dir.
+ *
+ *   [2025-04-25 10:00:00] Request: GET / from 127.0.0.1, Status: 200 OK, Latency: 1.234ms
+ */
+#include "blaze.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define LOG_BUF (64 * 1024)
+#define LOG_LINE_MAX (BLAZE_LOG_TARGET_MAX + 512)
+
+int log_init(blaze_loop *loop, char *err, size_t errlen)
+{
+    blaze_accesslog *a = &loop->alog;
+    a->fd = -1;
+    a->enabled = loop->lim.access_log;
+    if (!a->enabled)
+        return BLAZE_OK;
+    if (loop->lim.log_dir && loop->lim.log_dir[0] && (a->dir = strdup(loop->lim.log_dir)) == NULL)
+        goto oom;
+    if ((a->buf = malloc(LOG_BUF)) == NULL)
+        goto oom;
+    return BLAZE_OK;
+oom:
+    snprintf(err, errlen, "out of memory for the access log");
+    return BLAZE_ERR;
+}
+
+/* "[YYYY-MM-DD HH:MM:SS]" of now, cached per second; day gets YYYY-MM-DD. */
+static const char *stamp(blaze_accesslog *a, long long offset)
+{
+    time_t now = time(NULL) + (time_t)offset;
+    if (now != a->stamp_sec || a->stamp[0] == '\0') {
+        struct tm tm;
+        localtime_r(&now, &tm);
+        strftime(a->stamp, sizeof(a->stamp), "[%Y-%m-%d %H:%M:%S]", &tm);
+        a->stamp_sec = now;
+    }
+    return a->stamp;
+}
+
+static int open_day(blaze_accesslog *a, const char *day)
+{
+    char path[4096];
+    if (a->fd >= 0 && strcmp(a->fd_day, day) == 0)
+        return a->fd;
+    if (a->fd >= 0)
+        close(a->fd);
+    snprintf(path, sizeof(path), "%s/%s.log", a->dir, day);
+    a->fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+    memcpy(a->fd_day, day, sizeof(a->fd_day));
+    if (a->fd < 0)
+        fprintf(stderr, "blazewsgi: cannot open the access log %s: %s\n", path, strerror(errno));
+    return a->fd;
+}
+
+void log_flush(blaze_loop *loop)
+{
+    blaze_accesslog *a = &loop->alog;
+    if (!a->enabled || a->len == 0)
+        return;
+    int fd = a->dir ? open_day(a, a->buf_day) : STDERR_FILENO;
+    size_t off = 0;
+    while (fd >= 0 && off < a->len) {
+        ssize_t w = write(fd, a->buf + off, a->len - off);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            break;          /* disk full or gone: these lines are lost, say so once per flush */
+        }
+        off += (size_t)w;
+    }
+    if (off < a->len)
+        fprintf(stderr, "blazewsgi: lost %zu bytes of access log: %s\n", a->len - off, strerror(errno));
+    a->len = 0;
+}
+
+void log_reopen(blaze_loop *loop)
+{
+    blaze_accesslog *a = &loop->alog;
+    log_flush(loop);
+    if (a->dir && a->fd >= 0) {
+        close(a->fd);
+        a->fd = -1;
+    }
+}
+
+void log_request(blaze_conn *c, int status, const char *reason, size_t reason_len)
+{
+    blaze_loop *loop = c->loop;
+    blaze_accesslog *a = &loop->alog;
+    if (!a->enabled)
+        return;
+    const char *ts = stamp(a, loop->lim.clock_offset);
+    if (a->len > 0 && memcmp(a->buf_day, ts + 1, 10) != 0)
+        log_flush(loop);                /* midnight: yesterday's lines go to yesterday's file */
+    if (a->len + LOG_LINE_MAX > LOG_BUF)
+        log_flush(loop);
+    if (a->len == 0) {
+        memcpy(a->buf_day, ts + 1, 10);
+        a->buf_day[10] = '\0';
+    }
+    const char *method = c->url.len ? http_method_str((enum http_method)c->parser.method) : "-";
+    size_t tlen = c->url.len ? c->url.len : 1;
+    const char *target = c->url.len ? c->buf + c->url.off : "-";
+    if (tlen > BLAZE_LOG_TARGET_MAX)
+        tlen = BLAZE_LOG_TARGET_MAX;
+    if (reason_len > 64)
+        reason_len = 64;
+    double ms = c->t_start > 0 ? (stats_now() - c->t_start) * 1000.0 : 0.0;
+    int n = snprintf(a->buf + a->len, LOG_BUF - a->len,
+                     "%s Request: %s %.*s from %s, Status: %d%s%.*s, Latency: %.3fms\n",
+                     ts, method, (int)tlen, target, c->is_unix ? "local" : c->remote_addr, status,
+                     reason_len ? " " : "", (int)reason_len, reason, ms);
+    if (n > 0 && (size_t)n < LOG_BUF - a->len)
+        a->len += (size_t)n;
+}
+
+void log_free(blaze_loop *loop)
+{
+    blaze_accesslog *a = &loop->alog;
+    log_flush(loop);
+    if (a->dir && a->fd >= 0)
+        close(a->fd);
+    free(a->buf);
+    free(a->dir);
+}
