@@ -7,13 +7,9 @@ Master-side events (worker starts and exits, scaling, reloads) are kept
 here.  prometheus-client renders them through a custom collector; a small
 threaded HTTP server in the master answers /metrics, / and /healthz.
 """
-import http.server
 import logging
 import threading
 import time
-
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from . import __version__
 from ._blaze import lib
@@ -98,6 +94,7 @@ class Metrics:
         return workers, total, conns, in_flight
 
     def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
         workers, t, conns, in_flight = self._live()
         c = CounterMetricFamily("blazewsgi_requests", "Responses completed, by method and status class",
                                 labels=("method", "status"))
@@ -159,9 +156,14 @@ class Metrics:
 
     # ---- the HTTP endpoint ----
     def serve(self, bind, port):
+        # Imported here: only a master with metrics_port pays for prometheus-client (and
+        # its workers, forked from it, for the pages).
+        from prometheus_client import CollectorRegistry, generate_latest
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self)
         metrics = self
+
+        import http.server
 
         class Handler(http.server.BaseHTTPRequestHandler):
             server_version = "BlazeWSGI-metrics"

@@ -97,6 +97,25 @@ void log_reopen(blaze_loop *loop)
     }
 }
 
+static char *put(char *p, const char *s, size_t n)
+{
+    memcpy(p, s, n);
+    return p + n;
+}
+
+static char *put_uint(char *p, unsigned long long v)
+{
+    char tmp[24];
+    int n = 0;
+    do {
+        tmp[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (n)
+        *p++ = tmp[--n];
+    return p;
+}
+
 void log_request(blaze_conn *c, int status, const char *reason, size_t reason_len)
 {
     blaze_loop *loop = c->loop;
@@ -119,13 +138,31 @@ void log_request(blaze_conn *c, int status, const char *reason, size_t reason_le
         tlen = BLAZE_LOG_TARGET_MAX;
     if (reason_len > 64)
         reason_len = 64;
-    double ms = c->t_start > 0 ? (stats_now() - c->t_start) * 1000.0 : 0.0;
-    int n = snprintf(a->buf + a->len, LOG_BUF - a->len,
-                     "%s Request: %s %.*s from %s, Status: %d%s%.*s, Latency: %.3fms\n",
-                     ts, method, (int)tlen, target, c->is_unix ? "local" : c->remote_addr, status,
-                     reason_len ? " " : "", (int)reason_len, reason, ms);
-    if (n > 0 && (size_t)n < LOG_BUF - a->len)
-        a->len += (size_t)n;
+    unsigned long long us = c->t_start > 0 ? (unsigned long long)((stats_now() - c->t_start) * 1e6) : 0;
+    const char *client = c->is_unix ? "local" : c->remote_addr;
+    /* Hand-formatted (snprintf of a double costs more than the rest of the line). */
+    char *p = a->buf + a->len;
+    p = put(p, ts, strlen(ts));
+    p = put(p, " Request: ", 10);
+    p = put(p, method, strlen(method));
+    *p++ = ' ';
+    p = put(p, target, tlen);
+    p = put(p, " from ", 6);
+    p = put(p, client, strlen(client));
+    p = put(p, ", Status: ", 10);
+    p = put_uint(p, (unsigned long long)status);
+    if (reason_len) {
+        *p++ = ' ';
+        p = put(p, reason, reason_len);
+    }
+    p = put(p, ", Latency: ", 11);
+    p = put_uint(p, us / 1000);
+    *p++ = '.';
+    *p++ = (char)('0' + (us / 100) % 10);
+    *p++ = (char)('0' + (us / 10) % 10);
+    *p++ = (char)('0' + us % 10);
+    p = put(p, "ms\n", 3);
+    a->len = (size_t)(p - a->buf);
 }
 
 void log_free(blaze_loop *loop)
