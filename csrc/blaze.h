@@ -197,7 +197,7 @@ int loop_last_response(const blaze_loop *loop);
 
 /* blaze_log.c */
 int log_init(blaze_loop *loop, char *err, size_t errlen);
-void log_request(blaze_conn *c, int status, const char *reason, size_t reason_len);
+void log_request(blaze_conn *c, int status, const char *reason, size_t reason_len, double took);
 void log_flush(blaze_loop *loop);
 void log_reopen(blaze_loop *loop);
 void log_free(blaze_loop *loop);
@@ -208,7 +208,9 @@ void stats_heartbeat(blaze_loop *loop);
 void stats_busy(blaze_loop *loop);
 void stats_idle(blaze_loop *loop);
 int stats_method_index(int http_method);
-void stats_response(blaze_loop *loop, int method_index, int status, double started);
+void stats_response(blaze_loop *loop, int method_index, int status, double took);
+/* Seconds since c's head was complete (0 if it never was): one clock read per response. */
+double stats_took(const blaze_conn *c);
 void stats_parse_error(blaze_loop *loop);
 void stats_in_flight(blaze_loop *loop, int delta);
 void stats_bytes(blaze_loop *loop, size_t in, size_t out);

@@ -256,8 +256,9 @@ void conn_send_error(blaze_conn *c, int status, const char *why)
         c->loop->head_conn = NULL;
     if (status != 500)
         stats_parse_error(c->loop);        /* the HTTP layer refused the request */
-    log_request(c, status, reason, strlen(reason));
-    stats_response(c->loop, c->method_index, status, c->t_start);
+    double took = stats_took(c);
+    log_request(c, status, reason, strlen(reason), took);
+    stats_response(c->loop, c->method_index, status, took);
     request_left(c);
     if (conn_send(c, iov, 2) != BLAZE_OK)
         return;
@@ -273,7 +274,8 @@ void conn_send_error(blaze_conn *c, int status, const char *why)
 static void response_done(blaze_conn *c)
 {
     /* logged first: the line quotes the request target from buf */
-    log_request(c, c->resp_status, c->resp_reason, c->resp_reason_len);
+    double took = stats_took(c);
+    log_request(c, c->resp_status, c->resp_reason, c->resp_reason_len, took);
     size_t consumed = c->scan;
     if (c->len > consumed)
         memmove(c->buf, c->buf + consumed, c->len - consumed);
@@ -282,7 +284,7 @@ static void response_done(blaze_conn *c)
     if (c->resp_close || !c->keepalive)   /* frame_head said Connection: close */
         c->closing = 1;
     c->served++;
-    stats_response(c->loop, c->method_index, c->resp_status, c->t_start);
+    stats_response(c->loop, c->method_index, c->resp_status, took);
     request_left(c);
     http_request_reset(c);
     c->state = CONN_DRAIN;

@@ -116,7 +116,7 @@ static char *put_uint(char *p, unsigned long long v)
     return p;
 }
 
-void log_request(blaze_conn *c, int status, const char *reason, size_t reason_len)
+void log_request(blaze_conn *c, int status, const char *reason, size_t reason_len, double took)
 {
     blaze_loop *loop = c->loop;
     blaze_accesslog *a = &loop->alog;
@@ -138,7 +138,7 @@ void log_request(blaze_conn *c, int status, const char *reason, size_t reason_le
         tlen = BLAZE_LOG_TARGET_MAX;
     if (reason_len > 64)
         reason_len = 64;
-    unsigned long long us = c->t_start > 0 ? (unsigned long long)((stats_now() - c->t_start) * 1e6) : 0;
+    unsigned long long us = (unsigned long long)(took * 1e6);
     const char *client = c->is_unix ? "local" : c->remote_addr;
     /* Hand-formatted (snprintf of a double costs more than the rest of the line). */
     char *p = a->buf + a->len;

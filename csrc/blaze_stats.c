@@ -48,6 +48,11 @@ void stats_idle(blaze_loop *loop)
 static const double latency_le[BLAZE_LATENCY_BUCKETS - 1] = {
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0};
 
+double stats_took(const blaze_conn *c)
+{
+    return c->t_start > 0 ? stats_now() - c->t_start : 0.0;
+}
+
 int stats_method_index(int http_method)
 {
     switch (http_method) {
@@ -63,7 +68,7 @@ int stats_method_index(int http_method)
 }
 
 /* A response is complete (queued for the kernel): count it. */
-void stats_response(blaze_loop *loop, int method_index, int status, double started)
+void stats_response(blaze_loop *loop, int method_index, int status, double took)
 {
     loop->responses++;
     blaze_slot *s = loop->lim.slot;
@@ -75,7 +80,6 @@ void stats_response(blaze_loop *loop, int method_index, int status, double start
     if (method_index < 0 || method_index >= BLAZE_METHODS)
         method_index = BLAZE_METHODS - 1;
     SLOT_ADD(s, by_method_status[method_index][cls], 1);
-    double took = started > 0 ? stats_now() - started : 0.0;
     int b = 0;
     while (b < BLAZE_LATENCY_BUCKETS - 1 && took > latency_le[b])
         b++;
