@@ -76,7 +76,6 @@ typedef struct {
     struct event *ev;                         /* owned */
 } blaze_listener;
 
-#define BLAZE_LOG_TARGET_MAX 2048               /* longest request target written to the log */
 typedef struct {
     int enabled;
     char *dir;                                /* owned: log_dir, or NULL for stderr */
@@ -84,7 +83,7 @@ typedef struct {
     char fd_day[11];                          /* YYYY-MM-DD of fd */
     char buf_day[11];                         /* YYYY-MM-DD of the lines in buf */
     char *buf;                                /* owned: lines not written yet */
-    size_t len;
+    size_t len, cap;
     time_t stamp_sec;
     char stamp[24];                           /* "[YYYY-MM-DD HH:MM:SS]" of stamp_sec */
 } blaze_accesslog;
@@ -167,8 +166,8 @@ struct blaze_conn {
     double t_start;                           /* head complete (CLOCK_MONOTONIC), 0: none */
     int method_index;                         /* stats_method_index, OTHER until parsed */
     int resp_status;                          /* status code being sent */
-    char resp_reason[64];                     /* its reason phrase, for the access log */
-    unsigned char resp_reason_len;
+    char resp_reason[512];                    /* its reason phrase, for the access log */
+    unsigned short resp_reason_len;
     unsigned in_flight : 1;                   /* counted in the slot's in_flight */
 
     /* Response. */

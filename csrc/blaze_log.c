@@ -18,8 +18,10 @@
 #include <time.h>
 #include <unistd.h>
 
-#define LOG_BUF (64 * 1024)
-#define LOG_LINE_MAX (BLAZE_LOG_TARGET_MAX + 512)
+/* Buffer: 64 KiB of lines plus room for the longest one (a whole request
+ * target, up to the head buffer, and a reason phrase). */
+#define LOG_BUF_LINES (64 * 1024)
+#define LOG_LINE_FIXED 512
 
 int log_init(blaze_loop *loop, char *err, size_t errlen)
 {
@@ -30,7 +32,8 @@ int log_init(blaze_loop *loop, char *err, size_t errlen)
         return BLAZE_OK;
     if (loop->lim.log_dir && loop->lim.log_dir[0] && (a->dir = strdup(loop->lim.log_dir)) == NULL)
         goto oom;
-    if ((a->buf = malloc(LOG_BUF)) == NULL)
+    a->cap = LOG_BUF_LINES + BLAZE_BUF_SIZE(&loop->lim) + sizeof(((blaze_conn *)0)->resp_reason) + LOG_LINE_FIXED;
+    if ((a->buf = malloc(a->cap)) == NULL)
         goto oom;
     return BLAZE_OK;
 oom:
@@ -125,19 +128,15 @@ void log_request(blaze_conn *c, int status, const char *reason, size_t reason_le
     const char *ts = stamp(a, loop->lim.clock_offset);
     if (a->len > 0 && memcmp(a->buf_day, ts + 1, 10) != 0)
         log_flush(loop);                /* midnight: yesterday's lines go to yesterday's file */
-    if (a->len + LOG_LINE_MAX > LOG_BUF)
+    const char *method = c->url.len ? http_method_str((enum http_method)c->parser.method) : "-";
+    size_t tlen = c->url.len ? c->url.len : 1;
+    const char *target = c->url.len ? c->buf + c->url.off : "-";
+    if (a->len > LOG_BUF_LINES || a->len + tlen + reason_len + LOG_LINE_FIXED > a->cap)
         log_flush(loop);
     if (a->len == 0) {
         memcpy(a->buf_day, ts + 1, 10);
         a->buf_day[10] = '\0';
     }
-    const char *method = c->url.len ? http_method_str((enum http_method)c->parser.method) : "-";
-    size_t tlen = c->url.len ? c->url.len : 1;
-    const char *target = c->url.len ? c->buf + c->url.off : "-";
-    if (tlen > BLAZE_LOG_TARGET_MAX)
-        tlen = BLAZE_LOG_TARGET_MAX;
-    if (reason_len > 64)
-        reason_len = 64;
     unsigned long long us = (unsigned long long)(took * 1e6);
     const char *client = c->is_unix ? "local" : c->remote_addr;
     /* Hand-formatted (snprintf of a double costs more than the rest of the line). */

@@ -96,7 +96,7 @@ static int frame_head(blaze_conn *c, const char *status, size_t slen, const char
     if (rl > sizeof(c->resp_reason))
         rl = sizeof(c->resp_reason);
     memcpy(c->resp_reason, status + 4, rl);
-    c->resp_reason_len = (unsigned char)rl;
+    c->resp_reason_len = (unsigned short)rl;
     if (nhdrs < 0 || (nhdrs == 0 && hlen != 0))
         BAD("malformed header list");
 
