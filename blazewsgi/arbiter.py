@@ -416,16 +416,19 @@ class Arbiter:
 
     def spawn(self):
         self.age += 1
-        slot = self._free_slot()
-        ffi.memmove(ffi.addressof(self.slots, slot), bytes(ffi.sizeof("blaze_slot")), ffi.sizeof("blaze_slot"))
+        with self.metrics.lock:
+            slot = self._free_slot()
+            ffi.memmove(ffi.addressof(self.slots, slot), bytes(ffi.sizeof("blaze_slot")),
+                        ffi.sizeof("blaze_slot"))
         max_requests = 0
         if self.cfg.max_requests:
             max_requests = self.cfg.max_requests + random.randint(0, self.cfg.max_requests_jitter)
         pid = os.fork()
         if pid:
-            self.metrics.starts += 1
-            self.slots[slot].pid = pid
-            self.workers[pid] = Worker(pid, self.age, slot, max_requests, self.gen)
+            with self.metrics.lock:
+                self.metrics.starts += 1
+                self.slots[slot].pid = pid
+                self.workers[pid] = Worker(pid, self.age, slot, max_requests, self.gen)
             return
         code = 1
         try:
@@ -500,11 +503,13 @@ class Arbiter:
                           _describe(os.waitstatus_to_exitcode(status)))
                 self.successor = None
                 continue
-            w = self.workers.pop(pid, None)
+            with self.metrics.lock:
+                w = self.workers.pop(pid, None)
+                if w is not None:
+                    self.folded += self.slots[w.slot].requests
+                    self.metrics.fold(self.slots[w.slot])
             if w is None:
                 continue
-            self.folded += self.slots[w.slot].requests
-            self.metrics.fold(self.slots[w.slot])
             code = os.waitstatus_to_exitcode(status)
             if w.hung:
                 self.metrics.worker_exit("hung")
@@ -583,10 +588,11 @@ class Arbiter:
 
     def _forget(self, pid):
         """A worker that ended during a stop: keep its counts."""
-        w = self.workers.pop(pid, None)
-        if w is not None:
-            self.metrics.fold(self.slots[w.slot])
-            self.metrics.worker_exit("stopped")
+        with self.metrics.lock:
+            w = self.workers.pop(pid, None)
+            if w is not None:
+                self.metrics.fold(self.slots[w.slot])
+                self.metrics.worker_exit("stopped")
 
     def _reap_quietly(self):
         while True:

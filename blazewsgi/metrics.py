@@ -71,6 +71,11 @@ class Metrics:
         self.reloads = {"ok": 0, "failed": 0}
         self.generation = 0
         self.server = None
+        # The HTTP thread sums slots while the main loop reaps and spawns: a
+        # dead worker's counts move from its slot to `folded`, and a slot is
+        # zeroed for a new worker, under this lock, so a scrape never sees a
+        # worker twice or not at all.
+        self.lock = threading.Lock()
 
     # ---- events, called by the arbiter ----
     def fold(self, slot):
@@ -82,15 +87,16 @@ class Metrics:
     # ---- the collector ----
     def _live(self):
         a = self.arbiter
-        workers = list(a.workers.values())
-        total = Totals()
-        total.add(self.folded)
-        conns = in_flight = 0
-        for w in workers:
-            s = a.slots[w.slot]
-            total.add_slot(s)
-            conns += s.connections
-            in_flight += s.in_flight
+        with self.lock:
+            workers = list(a.workers.values())
+            total = Totals()
+            total.add(self.folded)
+            conns = in_flight = 0
+            for w in workers:
+                s = a.slots[w.slot]
+                total.add_slot(s)
+                conns += s.connections
+                in_flight += s.in_flight
         return workers, total, conns, in_flight
 
     def collect(self):
