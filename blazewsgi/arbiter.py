@@ -49,7 +49,7 @@ PREDECESSOR_ENV = "BLAZEWSGI_PREDECESSOR"  # USR2: the old master, stopped once 
 
 
 class Worker:
-    __slots__ = ("pid", "age", "ready", "retiring", "started", "slot", "max_requests", "hung", "gen")
+    __slots__ = ("pid", "age", "ready", "retiring", "slot", "max_requests", "hung", "gen")
 
     def __init__(self, pid, age, slot, max_requests, gen):
         self.gen = gen                    # the reload generation it belongs to
@@ -57,7 +57,6 @@ class Worker:
         self.age = age
         self.ready = False
         self.retiring = False
-        self.started = time.monotonic()
         self.slot = slot                  # index into the shared blaze_slot array
         self.max_requests = max_requests  # 0: never recycled
         self.hung = False
@@ -119,7 +118,6 @@ class Arbiter:
         self.reloading = False
         self.successor = None                   # USR2: pid of the new master
         self.handed_over = False                # the sockets now belong to the successor
-        self.folded = 0                         # requests of workers that are gone
         self.samples = collections.deque()      # (time, total requests) for the scaling rate
         self.last_scale = time.monotonic()
         self.workers = {}                 # pid -> Worker
@@ -239,7 +237,9 @@ class Arbiter:
         give the hysteresis."""
         cfg = self.cfg
         now = time.monotonic()
-        total = self.folded + sum(self.slots[w.slot].requests for w in self.workers.values())
+        with self.metrics.lock:
+            total = self.metrics.folded.requests + sum(self.slots[w.slot].requests
+                                                       for w in self.workers.values())
         if self.samples and now - self.samples[-1][0] < 0.5:
             return
         self.samples.append((now, total))
@@ -506,7 +506,6 @@ class Arbiter:
             with self.metrics.lock:
                 w = self.workers.pop(pid, None)
                 if w is not None:
-                    self.folded += self.slots[w.slot].requests
                     self.metrics.fold(self.slots[w.slot])
             if w is None:
                 continue

@@ -277,9 +277,6 @@ class Config:
         except KeyError:
             raise AttributeError(name) from None
 
-    def as_dict(self):
-        return dict(self._values)
-
     def non_default(self, name):
         return self._values[name] != BY_NAME[name].default
 

@@ -144,7 +144,7 @@ struct blaze_conn {
     blaze_span url;
     blaze_header *hdrs;                       /* owned, limit_request_fields entries */
     int nhdrs;
-    int hdr_overflow;
+    int hdr_in_value;                         /* the last callback was a header value */
     unsigned keepalive : 1;
     unsigned is_head : 1;
     unsigned http10 : 1;
@@ -205,6 +205,7 @@ void log_free(blaze_loop *loop);
 double stats_now(void);
 void stats_heartbeat(blaze_loop *loop);
 void stats_busy(blaze_loop *loop);
+void stats_busy_at(blaze_loop *loop, double now);
 void stats_idle(blaze_loop *loop);
 int stats_method_index(int http_method);
 void stats_response(blaze_loop *loop, int method_index, int status, double took);

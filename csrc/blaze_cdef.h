@@ -64,7 +64,6 @@ typedef struct {
     const char *body;             /* the body in memory (body_fd == -1) */
     size_t body_len;              /* body length, in memory or in the file */
     int body_fd;                  /* -1, or a temporary file holding the body; C closes it */
-    int is_head;                  /* HEAD request: the body is not sent */
     unsigned long long conn_id;   /* stable id of the connection, for streaming state */
 } blaze_request;
 

@@ -337,7 +337,8 @@ static int dispatch(blaze_conn *c)
     c->state = CONN_APP;
     c->in_flight = 1;
     stats_in_flight(c->loop, 1);
-    stats_busy(c->loop);
+    /* no body: the head just completed, t_start is still "now" */
+    stats_busy_at(c->loop, c->body_kind == BODY_NONE ? c->t_start : stats_now());
     int rc = blaze_py_request(c, req.keyset, req.values, req.values_len, req.listener, &req);
     stats_idle(c->loop);
     return after_python(c, rc);

@@ -67,12 +67,11 @@ static int on_url(http_parser *p, const char *at, size_t len)
     return 0;
 }
 
-/* hdr_overflow doubles as "the last callback was a value" flag holder:
- * bit 0 set after a value, so the next field starts a new header. */
+/* After a value, the next field callback starts a new header. */
 static int on_header_field(http_parser *p, const char *at, size_t len)
 {
     blaze_conn *c = p->data;
-    if (c->nhdrs == 0 || (c->hdr_overflow & 1)) {
+    if (c->nhdrs == 0 || c->hdr_in_value) {
         if (c->nhdrs >= c->loop->lim.limit_request_fields)
             return 1;   /* the scanner counted lines; cannot happen */
         blaze_header *h = &c->hdrs[c->nhdrs++];
@@ -80,7 +79,7 @@ static int on_header_field(http_parser *p, const char *at, size_t len)
         h->name.len = 0;
         h->value.off = 0;
         h->value.len = 0;
-        c->hdr_overflow &= ~1;
+        c->hdr_in_value = 0;
     }
     blaze_header *h = &c->hdrs[c->nhdrs - 1];
     h->name.len = (uint32_t)(at + len - (c->buf + h->name.off));
@@ -93,9 +92,9 @@ static int on_header_value(http_parser *p, const char *at, size_t len)
     if (c->nhdrs == 0)
         return 1;
     blaze_header *h = &c->hdrs[c->nhdrs - 1];
-    if (!(c->hdr_overflow & 1)) {
+    if (!c->hdr_in_value) {
         h->value.off = (uint32_t)(at - c->buf);
-        c->hdr_overflow |= 1;
+        c->hdr_in_value = 1;
     }
     h->value.len = (uint32_t)(at + len - (c->buf + h->value.off));
     return 0;
@@ -124,7 +123,7 @@ void http_request_reset(blaze_conn *c)
     c->head_end = 0;
     c->url.off = c->url.len = 0;
     c->nhdrs = 0;
-    c->hdr_overflow = 0;
+    c->hdr_in_value = 0;
     c->keepalive = 0;
     c->is_head = 0;
     c->http10 = 0;
@@ -820,7 +819,6 @@ int http_build_environ(blaze_conn *c, blaze_request *req)
     req->body = c->body_fd >= 0 ? NULL : c->body;
     req->body_len = (size_t)c->body_total;
     req->body_fd = c->body_fd;
-    req->is_head = c->is_head;
     req->conn_id = c->id;
     if (c->body_fd >= 0 && lseek(c->body_fd, 0, SEEK_SET) < 0)
         return 500;

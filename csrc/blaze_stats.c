@@ -34,6 +34,12 @@ void stats_busy(blaze_loop *loop)
         store_time(&loop->lim.slot->busy_since, stats_now());
 }
 
+void stats_busy_at(blaze_loop *loop, double now)
+{
+    if (loop->lim.slot)
+        store_time(&loop->lim.slot->busy_since, now);
+}
+
 void stats_idle(blaze_loop *loop)
 {
     if (loop->lim.slot)

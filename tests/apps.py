@@ -2,8 +2,9 @@
 import hashlib
 import json
 import os
-import time
 from wsgiref.validate import validator
+
+from apphelp import drain_input
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -29,14 +30,7 @@ def echo_app(environ, start_response):
         return [body]
     if path == "/body":
         h = hashlib.sha256()
-        n = 0
-        inp = environ["wsgi.input"]
-        while True:
-            chunk = inp.read(65536)
-            if not chunk:
-                break
-            h.update(chunk)
-            n += len(chunk)
+        n = drain_input(environ, h)
         body = json.dumps({"sha256": h.hexdigest(), "length": n,
                            "content_length": environ.get("CONTENT_LENGTH")}).encode()
         start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])

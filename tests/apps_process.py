@@ -10,9 +10,9 @@ test can tell workers apart:
   /body        -> "<pid> <length of the request body>"
 """
 import os
-import time
-from urllib.parse import parse_qs
 from wsgiref.validate import validator
+
+from apphelp import drain_input, slow_with_mark
 
 
 def _answer(start_response, body, status="200 OK"):
@@ -26,21 +26,8 @@ def pid_app(environ, start_response):
     path = environ["PATH_INFO"]
     pid = os.getpid()
     if path == "/slow":
-        q = parse_qs(environ.get("QUERY_STRING", ""))
-        mark = q.get("mark", [None])[0]
-        if mark:
-            with open(mark + ".tmp", "w") as f:
-                f.write(str(pid))
-            os.replace(mark + ".tmp", mark)      # the test never reads a half-written file
-        time.sleep(float(q.get("s", ["2"])[0]))
+        slow_with_mark(environ)
         return _answer(start_response, f"slow {pid}")
     if path == "/body":
-        n = 0
-        inp = environ["wsgi.input"]
-        while True:
-            chunk = inp.read(65536)
-            if not chunk:
-                break
-            n += len(chunk)
-        return _answer(start_response, f"{pid} {n}")
+        return _answer(start_response, f"{pid} {drain_input(environ)}")
     return _answer(start_response, str(pid))

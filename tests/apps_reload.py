@@ -23,8 +23,9 @@ import os
 import subprocess
 import threading
 import time
-from urllib.parse import parse_qs
 from wsgiref.validate import validator
+
+from apphelp import slow_with_mark
 
 ENV_KEYS = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
 
@@ -41,13 +42,7 @@ def make_app(version):
         path = environ["PATH_INFO"]
         pid = os.getpid()
         if path == "/slow":
-            q = parse_qs(environ.get("QUERY_STRING", ""))
-            mark = q.get("mark", [None])[0]
-            if mark:
-                with open(mark + ".tmp", "w") as f:
-                    f.write(str(pid))
-                os.replace(mark + ".tmp", mark)      # never read half-written
-            time.sleep(float(q.get("s", ["2"])[0]))
+            slow_with_mark(environ)
             return _answer(start_response, f"slow {version} {pid}")
         if path == "/env":
             return _answer(start_response, json.dumps({k: os.environ.get(k) for k in ENV_KEYS}))

@@ -120,23 +120,36 @@ class Server:
             self.log.close()
 
 
+    def close(self):
+        """Teardown: stop it, and kill what is left of its process group whatever happened."""
+        try:
+            self.stop()
+        except AssertionError:
+            pass
+        finally:
+            if self.proc is not None and self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
 @pytest.fixture
 def server_factory(tmp_path):
+    """make(app, **Server kwargs); own_dir="name" gives the server a directory of its own
+    (its config, output and relative paths), for tests that run several servers."""
     servers = []
 
-    def make(app="apps:echo_app", **kw):
-        s = Server(str(tmp_path), app, **kw)
+    def make(app="apps:echo_app", own_dir=None, **kw):
+        d = str(tmp_path)
+        if own_dir is not None:
+            d = os.path.join(d, f"{own_dir}{len(servers)}")
+            os.makedirs(d, exist_ok=True)
+        s = Server(d, app, **kw)
         servers.append(s)
         return s
 
     yield make
     for s in servers:
-        try:
-            s.stop()
-        except AssertionError:
-            pass
-        if s.proc is not None and s.proc.poll() is None:
-            os.killpg(s.proc.pid, signal.SIGKILL)
+        s.close()
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ import pytest
 
 from apps_log import Client, expected_status, log_files, parse, request_bytes
 from apps_reload import Load, alive
-from conftest import Server, free_port, read_response, wait_until
+from conftest import free_port, read_response, wait_until
 
 APP = "apps_log:app"
 PROBE = ("GET", "/__probe__", "127.0.0.1", "200 OK")
@@ -40,29 +40,17 @@ BAD_HEADER = (b"GET /malformed?x=1 HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\
 
 
 @pytest.fixture
-def make_server(tmp_path):
+def make_server(server_factory):
     """Like server_factory, but each server gets its own directory (config, output, logs/)."""
-    servers = []
-
     def make(app=APP, log=True, name="s", **kw):
-        d = os.path.join(str(tmp_path), f"{name}{len(servers)}")
-        os.makedirs(os.path.join(d, "logs"))
         extra = dict(kw.pop("extra", {}) or {})
         if log:
-            extra["log_dir"] = os.path.join(d, "logs")
-        srv = Server(d, app, extra=extra, **kw)
-        srv.log_dir = extra.get("log_dir")
-        servers.append(srv)
+            extra["log_dir"] = "logs"        # relative to the server's own directory
+        srv = server_factory(app, own_dir=name, extra=extra, **kw)
+        os.makedirs(os.path.join(srv.tmp, "logs"))
+        srv.log_dir = os.path.join(srv.tmp, "logs") if log else None
         return srv
-
-    yield make
-    for srv in servers:
-        try:
-            srv.stop()
-        except AssertionError:
-            pass
-        if srv.proc is not None and srv.proc.poll() is None:
-            os.killpg(srv.proc.pid, signal.SIGKILL)
+    return make
 
 
 @pytest.fixture

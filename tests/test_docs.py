@@ -1,6 +1,5 @@
 """The generated docs stay in step with the settings they come from."""
 import os
-import subprocess
 
 from blazewsgi.config import markdown_reference
 

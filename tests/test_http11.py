@@ -22,11 +22,7 @@ def srv(tmp_path_factory):
     s = Server(str(tmp_path_factory.mktemp("http11")), "apps_wsgi:app",
                extra={"keepalive_timeout": 60}).start()   # an EOF seen by at_eof() is the server's choice
     yield s
-    try:
-        s.stop()
-    finally:
-        if s.proc.poll() is None:
-            os.killpg(s.proc.pid, 9)
+    s.close()
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,6 @@ import glob
 import json
 import os
 import re
-import signal
 import socket
 import time
 
@@ -115,11 +114,7 @@ def corpus_server(tmp_path_factory):
     srv.start()
     srv.initial_workers = wait_until(lambda: srv.worker_pids(), 10, what="the worker to show up")
     yield srv
-    try:
-        srv.stop()
-    finally:
-        if srv.proc.poll() is None:
-            os.killpg(srv.proc.pid, signal.SIGKILL)
+    srv.close()
 
 
 def send_all(sock, data, trickle):

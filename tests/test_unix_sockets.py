@@ -12,7 +12,7 @@ import tempfile
 
 import pytest
 
-from conftest import Server, free_port, request, wait_until
+from conftest import free_port, request, wait_until
 
 APP = "apps_process:pid_app"
 
@@ -26,25 +26,11 @@ def sockdir():
 
 
 @pytest.fixture
-def make_server(tmp_path):
+def make_server(server_factory):
     """Like server_factory, but each server gets its own directory (config + log)."""
-    servers = []
-
     def make(app=APP, name="s", **kw):
-        d = os.path.join(str(tmp_path), f"{name}{len(servers)}")
-        os.makedirs(d)
-        srv = Server(d, app, **kw)
-        servers.append(srv)
-        return srv
-
-    yield make
-    for srv in servers:
-        try:
-            srv.stop()
-        except AssertionError:
-            pass
-        if srv.proc is not None and srv.proc.poll() is None:
-            os.killpg(srv.proc.pid, signal.SIGKILL)
+        return server_factory(app, own_dir=name, **kw)
+    return make
 
 
 def unix_get(path, target="/"):
@@ -307,19 +293,8 @@ def test_hup_keeps_the_socket_files(make_server, sockdir):
     assert not os.path.exists(a)
 
 
-def ipv6_loopback_error():
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-    except OSError as e:
-        return f"IPv6 loopback is unavailable on this machine: {e}"
-    return None
-
-
 def test_ipv6_loopback(make_server):
-    why = ipv6_loopback_error()
-    if why:
-        pytest.skip(why)
+    # .ci/setup turns IPv6 on for the loopback interface if it is off
     with socket.socket(socket.AF_INET6) as s:
         s.bind(("::1", 0))
         port = s.getsockname()[1]

@@ -29,11 +29,7 @@ def _start(tmp_path_factory, name, **kw):
 
 
 def _stop(s):
-    try:
-        s.stop()
-    finally:
-        if s.proc.poll() is None:
-            os.killpg(s.proc.pid, 9)
+    s.close()
 
 
 @pytest.fixture(scope="module")
