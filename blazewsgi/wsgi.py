@@ -88,6 +88,8 @@ def setup(app, listeners, multiprocess):
             "SERVER_NAME": lst.server_name,
             "SERVER_PORT": lst.server_port,
         })
+        if lst.kind == "unix":
+            _bases[-1]["REMOTE_ADDR"] = ""   # a Unix peer has no address (as gunicorn says it)
 
 
 def _header_block(headers):

@@ -348,3 +348,17 @@ def test_tcp_port_in_use_fails_cleanly(make_server, sockdir):
     assert f"127.0.0.1:{port}" in out and "address already in use" in out, out
     assert "Traceback" not in out and "Worker" not in out
     assert not os.path.exists(a), "the Unix socket bound before the failure must be removed"
+
+
+def test_unix_peer_environ(make_server, tmp_path):
+    """A Unix socket peer has no address: REMOTE_ADDR is empty, REMOTE_PORT absent."""
+    path = os.path.join(str(tmp_path), "env.sock")
+    srv = make_server(app="apps:echo_app", bind=[path], extra={"socket_mode": "0600"}).start()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(path)
+        status, _, body = request(s, b"GET /json HTTP/1.1\r\nHost: x\r\n\r\n")
+    env = json.loads(body)
+    assert status == 200
+    assert env["REMOTE_ADDR"] == "" and "REMOTE_PORT" not in env
+    assert env["SERVER_NAME"] == "localhost"
