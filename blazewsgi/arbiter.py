@@ -134,6 +134,12 @@ class Arbiter:
         self.nslots = MAX_SLOTS
         self.slot_mem = mmap.mmap(-1, self.nslots * ffi.sizeof("blaze_slot"))
         self.slots = ffi.from_buffer("blaze_slot[]", self.slot_mem)
+        # The per-client rate-limit table (csrc/blaze_stats.c), shared by every
+        # worker of every generation: a reload does not forgive anyone.  Pages
+        # are only touched (and resident) when rate_limit is on.
+        self.rate_mem = mmap.mmap(-1, ffi.sizeof("blaze_rate_table"))
+        self.rate_table = ffi.from_buffer("blaze_rate_table *", self.rate_mem)
+        self.rate_table.seed = int.from_bytes(os.urandom(8), "little")
         from .metrics import Metrics
         self.metrics = Metrics(self)
 
@@ -436,7 +442,7 @@ class Arbiter:
             os.close(self.ready_r)
             self.metrics.close_in_child()
             code = worker.run(self.cfg, self.listeners, self.ready_w, self.pid,
-                              ffi.addressof(self.slots, slot), max_requests)
+                              ffi.addressof(self.slots, slot), max_requests, self.rate_table)
         except BaseException:
             traceback.print_exc()
         finally:

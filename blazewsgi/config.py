@@ -107,6 +107,24 @@ def _list(s):
 _list.kind = "list"
 
 
+def _networks(s):
+    """forwarded_allow_ips: '*' or addresses and networks (10.0.0.0/8, fd00::/8)."""
+    import ipaddress
+    items = _list(s)
+    if items == ["*"]:
+        return items
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network (like 10.0.0.0/8), "
+                             "and '*' must stand alone") from None
+    return items
+
+
+_networks.kind = "list"
+
+
 def _choice(*choices):
     def parse(s):
         v = s.strip().lower()
@@ -184,8 +202,10 @@ SETTINGS = [
     Setting("metrics_port", _int(0, 65535), 0,
             "Port of the master's Prometheus endpoint (/metrics, /, and /healthz) on metrics_bind; "
             "0 turns it off.", cli=("--metrics-port",)),
-    Setting("rate_limit", _int(0), 0, "Most requests one client may make per minute; 0 turns it off.",
-            later="rate limiting"),
+    Setting("rate_limit", _int(0, 1000000000), 0,
+            "Most requests one client may make per minute, counted across all workers (GCRA: a burst "
+            "of up to this many, then one every 60/rate_limit s); over it: 429 with Retry-After. "
+            "0 turns it off."),
     Setting("scale_threshold_high", _float(0.0), 1000.0,
             "Requests/second (server-wide, over scale_window) above which a worker is added, "
             "one at a time, up to max_workers."),
@@ -245,9 +265,10 @@ SETTINGS = [
             "Write a line per request (batched by each worker; to log_dir's daily file, else stderr)."),
     # --- capabilities of later versions, validated now ---
     Setting("metrics_bind", _str, "127.0.0.1", "Address the metrics endpoint binds to."),
-    Setting("forwarded_allow_ips", _list, ["127.0.0.1", "::1"],
-            "Peers whose X-Forwarded-For / X-Real-IP is trusted (Unix socket peers always are).",
-            later="forwarded client addresses"),
+    Setting("forwarded_allow_ips", _networks, ["127.0.0.1", "::1"],
+            "Proxies (addresses or networks like 10.0.0.0/8; * for any) whose X-Forwarded-For / "
+            "X-Real-IP names the client for REMOTE_ADDR, the access log and rate_limit "
+            "(Unix socket peers are always trusted)."),
     Setting("ssl_certfile", _str, None, "PEM certificate chain.", is_path=True, later="TLS support", example=""),
     Setting("ssl_keyfile", _str, None, "PEM private key.", is_path=True, later="TLS support", example=""),
     Setting("ssl_password", _str, None, "Password of an encrypted ssl_keyfile.", later="TLS support", example=""),

@@ -29,8 +29,27 @@ MASTER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, 
 log = logging.getLogger("blazewsgi.error")
 
 
-def _limits(cfg, master_pid, slot, max_requests):
+def _trusted(cfg):
+    """forwarded_allow_ips as blaze_net entries (IPv4 as ::ffff:a.b.c.d/96+n)."""
+    import ipaddress
+    if cfg.forwarded_allow_ips == ["*"]:
+        return ffi.NULL, 0, 1
+    nets = [ipaddress.ip_network(x, strict=False) for x in cfg.forwarded_allow_ips]
+    arr = ffi.new("blaze_net[]", len(nets))
+    for i, n in enumerate(nets):
+        if n.version == 4:
+            addr = bytes(10) + b"\xff\xff" + n.network_address.packed
+            prefix = 96 + n.prefixlen
+        else:
+            addr, prefix = n.network_address.packed, n.prefixlen
+        arr[i].addr = addr
+        arr[i].prefix = prefix
+    return arr, len(nets), 0
+
+
+def _limits(cfg, master_pid, slot, max_requests, rate_table=ffi.NULL):
     tmp = ffi.new("char[]", cfg.tmp_dir.encode())
+    trusted, ntrusted, trust_all = _trusted(cfg)
     log_dir = ffi.new("char[]", cfg.log_dir.encode()) if cfg.log_dir else ffi.NULL
     lim = ffi.new("blaze_limits *", {
         "max_connections": cfg.max_connections,
@@ -51,8 +70,14 @@ def _limits(cfg, master_pid, slot, max_requests):
         "access_log": 1 if cfg.access_log else 0,
         "log_dir": log_dir,
         "clock_offset": logs.clock_offset(),
+        "rate_limit": cfg.rate_limit if rate_table != ffi.NULL else 0,
+        "rate_table": rate_table,
+        "trusted": trusted,
+        "ntrusted": ntrusted,
+        "trust_all": trust_all,
     })
-    return lim, (tmp, log_dir)     # the strings must outlive blaze_loop_new (it copies them)
+    # the strings and the array must outlive blaze_loop_new (it copies them)
+    return lim, (tmp, log_dir, trusted)
 
 
 def _log_fd():
@@ -64,7 +89,7 @@ def _log_fd():
     return sys.stderr.fileno()
 
 
-def run(cfg, listeners, ready_fd, master_pid, slot=ffi.NULL, max_requests=0):
+def run(cfg, listeners, ready_fd, master_pid, slot=ffi.NULL, max_requests=0, rate_table=ffi.NULL):
     """Serve until stopped; returns the process exit code."""
     signal.set_wakeup_fd(-1)
     for sig in MASTER_SIGNALS:
@@ -83,7 +108,7 @@ def run(cfg, listeners, ready_fd, master_pid, slot=ffi.NULL, max_requests=0):
         log.error("Cannot import the application %r:\n%s", cfg.wsgi_path, traceback.format_exc().rstrip())
         return WORKER_BOOT_ERROR
     wsgi.setup(app, listeners, multiprocess=cfg.max_workers > 1)
-    lim, tmp = _limits(cfg, master_pid, slot, max_requests)
+    lim, tmp = _limits(cfg, master_pid, slot, max_requests, rate_table)
     err = ffi.new("char[256]")
     loop = lib.blaze_loop_new(lim, err, 256)
     if loop == ffi.NULL:

@@ -177,8 +177,16 @@ struct blaze_conn {
     unsigned resp_close : 1;                  /* close once this response is written */
     long long resp_left;                      /* body bytes still owed (-1: not framed by length) */
 
-    char remote_addr[64];
+    /* The peer (set once by conn_new) and the client of the current request
+     * (blaze_client.c: the peer, or a forwarded address when the peer is trusted). */
+    char remote_addr[64];                     /* peer text; "" for a Unix peer */
     char remote_port[8];
+    unsigned char peer_ip[16];                /* IPv4 as ::ffff:a.b.c.d */
+    unsigned peer_trusted : 1;                /* may tell us the client (forwarded_allow_ips, Unix) */
+    unsigned fwd : 1;                         /* this request's client came from a header */
+    unsigned discard_input : 1;               /* answered before its body: linger, then close */
+    unsigned char fwd_ip[16];
+    char fwd_addr[48];
 };
 
 /* blaze_loop.c */
@@ -193,6 +201,16 @@ void loop_stop_graceful(blaze_loop *loop);
 int loop_stopping(const blaze_loop *loop);
 /* max_requests: does the response being framed now end this worker's run? */
 int loop_last_response(const blaze_loop *loop);
+
+/* blaze_client.c */
+void client_peer(blaze_conn *c, const struct sockaddr *sa, int salen);
+/* Take the client from X-Forwarded-For / X-Real-IP when the peer is trusted. */
+void client_resolve(blaze_conn *c);
+/* The client's address as text, or NULL (a Unix peer with no forwarded address). */
+const char *client_addr(const blaze_conn *c);
+/* The client's address, 16 bytes, or NULL as above. */
+const unsigned char *client_ip(const blaze_conn *c);
+int client_copy_trusted(blaze_limits *lim, const blaze_limits *from);
 
 /* blaze_log.c */
 int log_init(blaze_loop *loop, char *err, size_t errlen);
@@ -215,6 +233,9 @@ void stats_parse_error(blaze_loop *loop);
 void stats_in_flight(blaze_loop *loop, int delta);
 void stats_bytes(blaze_loop *loop, size_t in, size_t out);
 void stats_connections(blaze_loop *loop);
+/* GCRA for one client: BLAZE_OK if the request may go on, else BLAZE_ERR
+ * with the seconds until it may in *retry_after (and the refusal counted). */
+int stats_rate_take(blaze_loop *loop, const unsigned char ip[16], double *retry_after);
 
 /* blaze_conn.c */
 blaze_conn *conn_new(blaze_loop *loop, int fd, int listener, const struct sockaddr *sa, int salen);

@@ -31,6 +31,30 @@ typedef struct {
 
 enum { BLAZE_METHODS = 8, BLAZE_LATENCY_BUCKETS = 15 };
 
+/* A trusted network for forwarded_allow_ips: IPv4 is stored as
+ * ::ffff:a.b.c.d, so an IPv4 /24 has prefix 96 + 24. */
+typedef struct {
+    unsigned char addr[16];
+    int prefix;                   /* leading bits of addr that must match */
+} blaze_net;
+
+/* The per-client rate-limit table, shared by every worker (the master maps
+ * it before forking; see blaze_stats.c).  GCRA: an entry holds a client's
+ * theoretical arrival time.  Fixed size, set-associative: a client hashes
+ * to one set of BLAZE_RATE_WAYS entries; a full set forgets the entry
+ * whose TAT is oldest (the client closest to being under its limit). */
+typedef struct {
+    unsigned long long key;       /* keyed hash of the client address; 0: free */
+    unsigned long long tat;       /* CLOCK_MONOTONIC microseconds */
+} blaze_rate_entry;
+
+enum { BLAZE_RATE_SETS = 8192, BLAZE_RATE_WAYS = 8 };
+
+typedef struct {
+    unsigned long long seed;      /* hash key, random per master */
+    blaze_rate_entry entries[65536]; /* BLAZE_RATE_SETS * BLAZE_RATE_WAYS */
+} blaze_rate_table;
+
 /* Limits and timeouts of one worker's loop; copied by blaze_loop_new. */
 typedef struct {
     int max_connections;          /* open connections before accepting pauses */
@@ -51,6 +75,11 @@ typedef struct {
     int access_log;               /* write access lines */
     const char *log_dir;          /* daily files there (copied), or NULL: stderr */
     long long clock_offset;       /* seconds added to the log's clock (tests of midnight) */
+    long long rate_limit;         /* requests per client per minute; 0: off */
+    blaze_rate_table *rate_table; /* shared by the workers (with rate_limit), or NULL */
+    const blaze_net *trusted;     /* forwarded_allow_ips (copied) */
+    int ntrusted;
+    int trust_all;                /* forwarded_allow_ips = * */
 } blaze_limits;
 
 /* One parsed request, valid for the duration of blaze_py_request only. */

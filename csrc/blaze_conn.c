@@ -97,17 +97,7 @@ blaze_conn *conn_new(blaze_loop *loop, int fd, int listener, const struct sockad
     if (!c->buf || !c->hdrs || !c->ev_read || !c->ev_write || !c->ev_timer)
         goto fail;
 
-    if (sa->sa_family == AF_INET && salen >= (int)sizeof(struct sockaddr_in)) {
-        const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
-        inet_ntop(AF_INET, &in->sin_addr, c->remote_addr, sizeof(c->remote_addr));
-        snprintf(c->remote_port, sizeof(c->remote_port), "%u", ntohs(in->sin_port));
-    } else if (sa->sa_family == AF_INET6 && salen >= (int)sizeof(struct sockaddr_in6)) {
-        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
-        inet_ntop(AF_INET6, &in6->sin6_addr, c->remote_addr, sizeof(c->remote_addr));
-        snprintf(c->remote_port, sizeof(c->remote_port), "%u", ntohs(in6->sin6_port));
-    } else {
-        c->is_unix = 1;
-    }
+    client_peer(c, sa, salen);
     if (!c->is_unix) {
         int one = 1;   /* responses go out whole; don't let Nagle hold the tail */
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
@@ -326,6 +316,34 @@ static int after_python(blaze_conn *c, int rc)
     }
 }
 
+/* rate_limit: the client is over its limit.  Answer 429 before reading a
+ * body or calling the app; a request with a body is answered with
+ * Connection: close and the unread body is discarded while lingering. */
+static void refuse_rate_limited(blaze_conn *c, double retry_after)
+{
+    static const char body[] = "429 Too Many Requests: rate limit exceeded\n";
+    char hdrs[80];
+    long long secs = (long long)retry_after;
+    if ((double)secs < retry_after || secs < 1)
+        secs++;           /* whole seconds, rounded up: never "come back" too early */
+    int hl = snprintf(hdrs, sizeof(hdrs), "Retry-After|%lld|Content-Type|text/plain; charset=utf-8", secs);
+    if (hl < 0 || hl >= (int)sizeof(hdrs))
+        hl = (int)sizeof(hdrs) - 1;
+    for (int i = 0; i < hl; i++)
+        if (hdrs[i] == '|')
+            hdrs[i] = '\0';
+    if (c->body_kind != BODY_NONE) {
+        c->keepalive = 0;
+        c->discard_input = 1;
+    }
+    char err[128];
+    if (blaze_resp_simple(c, "429 Too Many Requests", 21, hdrs, (size_t)hl, 2, body,
+                          sizeof(body) - 1, err, sizeof(err)) != BLAZE_OK ||
+        write_flush_head(c) != BLAZE_OK)
+        return;           /* the socket broke: the zero-delay timer frees c */
+    response_done(c);
+}
+
 static int dispatch(blaze_conn *c)
 {
     blaze_request req;
@@ -381,6 +399,15 @@ static void conn_step(blaze_conn *c)
                 return;
             }
             c->t_start = stats_now();
+            client_resolve(c);
+            if (c->loop->lim.rate_limit > 0) {
+                const unsigned char *ip = client_ip(c);
+                double retry;
+                if (ip != NULL && stats_rate_take(c->loop, ip, &retry) != BLAZE_OK) {
+                    refuse_rate_limited(c, retry);
+                    break;        /* DRAIN (or DEAD): the switch goes on from there */
+                }
+            }
             if (c->body_kind == BODY_NONE) {
                 if (dispatch(c) != 0)
                     return;
@@ -414,7 +441,7 @@ static void conn_step(blaze_conn *c)
                 return;
             }
             if (c->closing) {
-                if (c->len > 0) {                  /* unread input: linger, don't reset */
+                if (c->len > 0 || c->discard_input) {  /* unread input: linger, don't reset */
                     c->state = CONN_LINGER;
                     shutdown(c->fd, SHUT_WR);
                     read_on(c);

@@ -128,6 +128,7 @@ void http_request_reset(blaze_conn *c)
     c->is_head = 0;
     c->http10 = 0;
     c->expect_continue = 0;
+    c->fwd = 0;
     c->body_kind = BODY_NONE;
     c->body_left = 0;
     c->chunk_state = 0;
@@ -751,9 +752,11 @@ int http_build_environ(blaze_conn *c, blaze_request *req)
     if (qlen > 0)
         ENV_PUT_LIT(&w, "QUERY_STRING", query, qlen);
 
-    if (!c->is_unix) {
-        ENV_PUT_LIT(&w, "REMOTE_ADDR", c->remote_addr, strlen(c->remote_addr));
-        ENV_PUT_LIT(&w, "REMOTE_PORT", c->remote_port, strlen(c->remote_port));
+    const char *client = client_addr(c);      /* NULL: Python's base says "" */
+    if (client != NULL) {
+        ENV_PUT_LIT(&w, "REMOTE_ADDR", client, strlen(client));
+        if (!c->fwd)    /* a forwarded client's port is not the peer's */
+            ENV_PUT_LIT(&w, "REMOTE_PORT", c->remote_port, strlen(c->remote_port));
     }
     if (c->body_kind != BODY_NONE) {
         char num[24];

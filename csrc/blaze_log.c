@@ -138,7 +138,9 @@ void log_request(blaze_conn *c, int status, const char *reason, size_t reason_le
         a->buf_day[10] = '\0';
     }
     unsigned long long us = (unsigned long long)(took * 1e6);
-    const char *client = c->is_unix ? "local" : c->remote_addr;
+    const char *client = client_addr(c);
+    if (client == NULL)
+        client = "local";
     /* Hand-formatted (snprintf of a double costs more than the rest of the line). */
     char *p = a->buf + a->len;
     p = put(p, ts, strlen(ts));

@@ -266,11 +266,20 @@ blaze_loop *blaze_loop_new(const blaze_limits *limits, char *err, size_t errlen)
     loop->lim = *limits;
     loop->lim.tmp_dir = NULL;
     loop->lim.log_dir = limits->log_dir;     /* copied by log_init */
+    loop->lim.trusted = NULL;
     loop->alog.fd = -1;
     signal(SIGPIPE, SIG_IGN);   /* a vanished client is an EPIPE, not a dead worker */
     if (limits->head_buffer_size < 256 || limits->limit_request_fields < 1 ||
         limits->max_connections < 1) {
         snprintf(err, errlen, "invalid limits (head_buffer_size >= 256, fields >= 1, connections >= 1)");
+        goto fail;
+    }
+    if (client_copy_trusted(&loop->lim, limits) != BLAZE_OK) {
+        snprintf(err, errlen, "invalid forwarded_allow_ips (a prefix beyond 0..128, or out of memory)");
+        goto fail;
+    }
+    if (limits->rate_limit < 0 || (limits->rate_limit > 0 && limits->rate_table == NULL)) {
+        snprintf(err, errlen, "rate_limit needs the shared rate table");
         goto fail;
     }
     loop->lim.tmp_dir = strdup(limits->tmp_dir ? limits->tmp_dir : "/tmp");
@@ -379,5 +388,6 @@ void blaze_loop_free(blaze_loop *loop)
     free(loop->scratch);
     free(loop->head);
     free((char *)loop->lim.tmp_dir);
+    free((blaze_net *)loop->lim.trusted);
     free(loop);
 }

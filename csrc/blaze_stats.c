@@ -7,6 +7,7 @@
  */
 #include "blaze.h"
 
+#include <string.h>
 #include <time.h>
 
 double stats_now(void)
@@ -125,4 +126,109 @@ void stats_connections(blaze_loop *loop)
     if (loop->lim.slot)
         __atomic_store_n(&loop->lim.slot->connections, (unsigned long long)loop->nconns,
                          __ATOMIC_RELAXED);
+}
+
+/* Per-client rate limiting: GCRA over the table shared by all workers
+ * (blaze_rate_table in blaze_cdef.h).
+ *
+ * A client may make rate_limit requests in a burst, then one every
+ * T = 60 s / rate_limit: its entry keeps a theoretical arrival time (TAT),
+ * and a request is let through when TAT - (rate_limit - 1) T <= now.  No
+ * window edges, one 64-bit compare-and-swap per request, no locks: any
+ * worker may update any entry.
+ *
+ * The table is fixed (BLAZE_RATE_SETS sets of BLAZE_RATE_WAYS entries).  A
+ * client hashes (keyed with a per-master random seed, so addresses cannot
+ * be chosen to collide) to one set; a new client takes a free entry, or
+ * else the entry whose TAT is oldest: that client is the one closest to
+ * being back under its limit, and one whose TAT has passed has nothing
+ * left to remember.  Two workers claiming entries in the same full set at
+ * the same instant may, rarely, lose one count: the limiter errs towards
+ * letting a request through, never towards refusing one twice.
+ */
+static uint64_t mix64(uint64_t x)
+{
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebULL;
+    x ^= x >> 31;
+    return x;
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+static blaze_rate_entry *rate_entry(blaze_rate_table *t, uint64_t key)
+{
+    blaze_rate_entry *set = &t->entries[(key >> 16) % BLAZE_RATE_SETS * BLAZE_RATE_WAYS];
+    for (int attempt = 0; attempt < 4; attempt++) {
+        for (int w = 0; w < BLAZE_RATE_WAYS; w++)
+            if (__atomic_load_n(&set[w].key, __ATOMIC_ACQUIRE) == key)
+                return &set[w];
+        int victim = 0;
+        unsigned long long vkey = 0, oldest = ~0ULL;
+        for (int w = 0; w < BLAZE_RATE_WAYS; w++) {
+            unsigned long long k = __atomic_load_n(&set[w].key, __ATOMIC_ACQUIRE);
+            if (k == 0) {
+                victim = w;
+                vkey = 0;
+                break;
+            }
+            unsigned long long tat = __atomic_load_n(&set[w].tat, __ATOMIC_ACQUIRE);
+            if (tat < oldest) {
+                oldest = tat;
+                victim = w;
+                vkey = k;
+            }
+        }
+        blaze_rate_entry *e = &set[victim];
+        if (__atomic_compare_exchange_n(&e->key, &vkey, key, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            if (vkey != 0)      /* forget the evicted client, unless it moved meanwhile */
+                __atomic_compare_exchange_n(&e->tat, &oldest, 0ULL, 0, __ATOMIC_ACQ_REL,
+                                            __ATOMIC_ACQUIRE);
+            return e;
+        }
+        /* another worker changed the set: look again */
+    }
+    return NULL;
+}
+
+int stats_rate_take(blaze_loop *loop, const unsigned char ip[16], double *retry_after)
+{
+    blaze_rate_table *t = loop->lim.rate_table;
+    long long limit = loop->lim.rate_limit;
+    if (t == NULL || limit <= 0)
+        return BLAZE_OK;
+    uint64_t a, b;
+    memcpy(&a, ip, 8);
+    memcpy(&b, ip + 8, 8);
+    uint64_t key = mix64(mix64(a ^ t->seed) ^ b ^ (t->seed >> 17 | t->seed << 47));
+    if (key == 0)
+        key = 1;
+    blaze_rate_entry *e = rate_entry(t, key);
+    if (e == NULL)
+        return BLAZE_OK;      /* the set is contended right now: let the request through */
+    uint64_t period = 60000000000ULL / (uint64_t)limit;
+    if (period == 0)
+        period = 1;
+    uint64_t tolerance = period * (uint64_t)(limit - 1);
+    uint64_t now = now_ns();
+    unsigned long long tat = __atomic_load_n(&e->tat, __ATOMIC_ACQUIRE);
+    for (;;) {
+        uint64_t from = tat > now ? tat : now;
+        if (from - now > tolerance) {
+            *retry_after = (double)(from - tolerance - now) * 1e-9;
+            if (loop->lim.slot)
+                SLOT_ADD(loop->lim.slot, rate_limited, 1);
+            return BLAZE_ERR;
+        }
+        if (__atomic_compare_exchange_n(&e->tat, &tat, from + period, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE))
+            return BLAZE_OK;
+    }
 }

@@ -291,10 +291,10 @@ def test_concept_document_keys_are_accepted(workdir, launched):
     assert len(logs) == 1 and re.fullmatch(r"\d{4}-\d\d-\d\d\.log", logs[0]), logs
     text = (workdir / "logs" / logs[0]).read_text()
     assert "Listening at 127.0.0.1:%d" % port in text
-    assert "rate_limit is set but not used by this version" in text
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
         assert b"blazewsgi_requests_total" in r.read()
-    for used in ("metrics_port", "scale_threshold_high", "scale_threshold_low", "min_workers", "log_dir"):
+    for used in ("metrics_port", "rate_limit", "scale_threshold_high", "scale_threshold_low", "min_workers",
+                 "log_dir"):
         assert f"{used} is set but not used" not in text, used
 
 
@@ -442,12 +442,12 @@ def test_version(workdir):
 
 def test_log_level_flag_overrides_file(workdir, launched):
     port = free_port()
-    cfg = write_config(workdir, {"sockets": f"127.0.0.1:{port}", "log_level": "info", "rate_limit": "50"})
+    cfg = write_config(workdir, {"sockets": f"127.0.0.1:{port}", "log_level": "info", "threads": "4"})
     p = launched([BLAZE, cfg, "--log-level", "warning", "--timeout", "5"], workdir, port)
     assert get(port) == (200, b"marker")
     assert stop(p) == 0
     log = open(p.log_path).read()
     assert "[INFO]" not in log, log
-    # rate_limit is validated now but used by a later version: the operator is told so
-    assert "[WARNING] rate_limit is set but not used by this version" in log, log
+    # threads is validated now but used by a later version: the operator is told so
+    assert "[WARNING] threads is set but not used by this version" in log, log
     assert "timeout is set but not used" not in log, log      # timeout is implemented
