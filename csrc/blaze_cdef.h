@@ -45,7 +45,7 @@ typedef struct {
  * whose TAT is oldest (the client closest to being under its limit). */
 typedef struct {
     unsigned long long key;       /* keyed hash of the client address; 0: free */
-    unsigned long long tat;       /* CLOCK_MONOTONIC microseconds */
+    unsigned long long tat;       /* theoretical arrival time: CLOCK_MONOTONIC nanoseconds */
 } blaze_rate_entry;
 
 enum { BLAZE_RATE_SETS = 8192, BLAZE_RATE_WAYS = 8 };

@@ -204,9 +204,13 @@ int stats_rate_take(blaze_loop *loop, const unsigned char ip[16], double *retry_
     long long limit = loop->lim.rate_limit;
     if (t == NULL || limit <= 0)
         return BLAZE_OK;
-    uint64_t a, b;
+    /* An IPv6 client is its /64: one host is usually given a whole /64, and
+     * must not get a fresh budget for each address in it. */
+    static const unsigned char v4_mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    uint64_t a, b = 0;
     memcpy(&a, ip, 8);
-    memcpy(&b, ip + 8, 8);
+    if (memcmp(ip, v4_mapped, 12) == 0)
+        memcpy(&b, ip + 8, 8);
     uint64_t key = mix64(mix64(a ^ t->seed) ^ b ^ (t->seed >> 17 | t->seed << 47));
     if (key == 0)
         key = 1;
