@@ -40,6 +40,7 @@ extern "Python+C" {
                          int listener, const blaze_request *req);
     int blaze_py_resume(blaze_conn *c, unsigned long long conn_id);
     void blaze_py_abort(unsigned long long conn_id);
+    int blaze_py_done(blaze_conn **conns, int *rcs, int max);
 }
 """
 

@@ -234,8 +234,11 @@ SETTINGS = [
             "Connection: close); 0 never.", cli=("--max-requests",)),
     Setting("max_requests_jitter", _int(0), 0,
             "Up to this many extra requests, drawn per worker, so workers don't all recycle at once."),
-    Setting("threads", _int(1, 1024), 1, "Threads per worker calling the app (1: on the loop thread).",
-            cli=("--threads",), later="the per-worker thread pool"),
+    Setting("threads", _int(1, 1024), 1,
+            "App threads per worker. 1: the app runs on the event loop's thread (fastest for views "
+            "that compute); N > 1: the loop hands complete requests to N threads (for views that wait "
+            "on a database or an API), at most 2N at a time per worker.",
+            cli=("--threads",)),
     Setting("pid_file", _str, None, "Write the master's pid to this file.", cli=("--pid",),
             is_path=True, metavar="FILE", example=""),
     # --- HTTP limits ---

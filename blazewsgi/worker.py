@@ -107,8 +107,10 @@ def run(cfg, listeners, ready_fd, master_pid, slot=ffi.NULL, max_requests=0, rat
             sys.stderr.write(traceback.format_exc())
         log.error("Cannot import the application %r:\n%s", cfg.wsgi_path, traceback.format_exc().rstrip())
         return WORKER_BOOT_ERROR
-    wsgi.setup(app, listeners, multiprocess=cfg.max_workers > 1)
+    wake_fd = wsgi.setup(app, listeners, multiprocess=cfg.max_workers > 1, threads=cfg.threads)
     lim, tmp = _limits(cfg, master_pid, slot, max_requests, rate_table)
+    lim.threads = cfg.threads
+    lim.wake_fd = wake_fd
     err = ffi.new("char[256]")
     loop = lib.blaze_loop_new(lim, err, 256)
     if loop == ffi.NULL:

@@ -35,6 +35,7 @@ ERROR = lib.BLAZE_PY_ERROR
 HIGH_WATER = 256 * 1024
 
 _app = None
+_pool = None         # threads.Pool when threads > 1
 _bases = []          # base environ per listener index
 _streams = {}        # conn_id -> _Response suspended mid-body
 _errbuf = ffi.new("char[256]")
@@ -63,17 +64,22 @@ class FileWrapper:
         raise StopIteration
 
 
-def setup(app, listeners, multiprocess):
-    """Called once per worker before the loop runs."""
-    global _app
+def setup(app, listeners, multiprocess, threads=1):
+    """Called once per worker before the loop runs.  Returns the thread pool's
+    wake descriptor for the loop (threads > 1), else -1."""
+    global _app, _pool
     _app = app
+    _pool = None
+    if threads > 1:
+        from .threads import Pool
+        _pool = Pool(threads)
     _bases.clear()
     for lst in listeners:
         _bases.append({
             "wsgi.version": (1, 0),
             "wsgi.url_scheme": "http",
             "wsgi.errors": sys.stderr,
-            "wsgi.multithread": False,
+            "wsgi.multithread": _pool is not None,
             "wsgi.multiprocess": multiprocess,
             "wsgi.run_once": False,
             "wsgi.file_wrapper": FileWrapper,
@@ -90,6 +96,7 @@ def setup(app, listeners, multiprocess):
         })
         if lst.kind == "unix":
             _bases[-1]["REMOTE_ADDR"] = ""   # a Unix peer has no address (as gunicorn says it)
+    return _pool.wake_fd if _pool is not None else -1
 
 
 def _header_block(headers):
@@ -235,6 +242,20 @@ def _run_general(r, result):
     return r.pump()
 
 
+def _send_simple(r, conn, body):
+    """A one-item list of bytes: status, headers and body in one write."""
+    if r.status is None:
+        raise AssertionError("the application returned without calling start_response()")
+    st = r.status.encode("latin-1")
+    hb = _header_block(r.headers)
+    if lib.blaze_resp_simple(conn, st, len(st), hb, len(hb), len(r.headers), body, len(body),
+                             _errbuf, 256) != 0:
+        if _c_error() == "client disconnected":
+            raise ClientGone("client disconnected")
+        raise ValueError(f"invalid response from the application: {_c_error()}")
+    return DONE
+
+
 def _fail(r, exc):
     if isinstance(exc, ClientGone):
         log.debug("client disconnected during the response")
@@ -273,6 +294,8 @@ def blaze_py_request(conn, keyset, values, values_len, listener, req):
     environ = _bases[listener].copy()
     keys = _keysets[keyset] if keyset >= 0 else _learn_keys(keyset, req)
     environ.update(zip(keys, _unpack(values, values_len).decode("latin-1").split("\0")))
+    if _pool is not None:
+        return _pool.submit(conn, req, environ)
     r = _spare.pop() if _spare else _Response()
     r.conn = conn
     r.status = r.headers = None
@@ -314,6 +337,10 @@ def blaze_py_request(conn, keyset, values, values_len, listener, req):
 
 @ffi.def_extern(onerror=lambda *exc: log.critical("blaze_py_resume failed", exc_info=exc) or ERROR)
 def blaze_py_resume(conn, conn_id):
+    if _pool is not None:
+        job = _pool.jobs.get(conn_id)
+        if job is not None:
+            return _pool.resume(conn, job)
     r = _streams.pop(conn_id, None)
     if r is None:
         return ERROR
@@ -332,7 +359,15 @@ def blaze_py_resume(conn, conn_id):
 
 @ffi.def_extern(onerror=lambda *exc: log.critical("blaze_py_abort failed", exc_info=exc))
 def blaze_py_abort(conn_id):
+    if _pool is not None and _pool.abort(conn_id):
+        log.debug("client disconnected while an app thread had its request")
+        return
     r = _streams.pop(conn_id, None)
     if r is not None:
         log.debug("client disconnected during a streamed response")
         r.close()
+
+
+@ffi.def_extern(onerror=lambda *exc: log.critical("blaze_py_done failed", exc_info=exc) or 0)
+def blaze_py_done(conns, rcs, max):
+    return _pool.send_ready(conns, rcs, max) if _pool is not None else 0

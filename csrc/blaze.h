@@ -41,6 +41,10 @@ int blaze_py_request(blaze_conn *c, int keyset, const char *values, size_t value
                      int listener, const blaze_request *req);
 int blaze_py_resume(blaze_conn *c, unsigned long long conn_id);
 void blaze_py_abort(unsigned long long conn_id);
+/* threads > 1: send the output of up to max connections whose app threads
+ * have some ready; returns how many, each with its rc as from blaze_py_resume. */
+int blaze_py_done(blaze_conn **conns, int *rcs, int max);
+#define BLAZE_DONE_BATCH 64
 
 /* The outcome of one I/O step; conn_step's switch acts on it. */
 typedef enum { IO_AGAIN, IO_DONE, IO_CLOSE } blaze_io;
@@ -51,6 +55,8 @@ typedef enum {
     CONN_BODY,    /* reading a request body */
     CONN_APP,     /* inside blaze_py_request / blaze_py_resume */
     CONN_STREAM,  /* app iterator suspended until the output drains */
+    CONN_PARKED,  /* threads > 1: request complete, waiting for room in the thread pool */
+    CONN_THREAD,  /* threads > 1: an app thread has the request; reading only watches for EOF */
     CONN_DRAIN,   /* response queued; next request waits for the output to drain */
     CONN_LINGER,  /* error answered, write side shut: discard input until EOF */
     CONN_DEAD     /* closed during a Python call; freed when the call returns */
@@ -110,6 +116,10 @@ struct blaze_loop {
     blaze_conn *head_conn;                    /* whose head it is (borrowed) */
     blaze_keyset keysets[BLAZE_KEYSETS];      /* key sets Python has seen, by slot */
     unsigned long long responses;             /* completed, for max_requests and the slot */
+    /* threads > 1: requests held by Python's thread pool, and those waiting for room. */
+    int jobs;
+    blaze_conn *parked, *parked_tail;         /* borrowed: FIFO through park_next */
+    struct event *wake_ev, *unpark_ev;        /* owned */
     blaze_accesslog alog;
 };
 
@@ -126,7 +136,10 @@ struct blaze_conn {
     unsigned reading : 1;                     /* ev_read is added */
     unsigned writing : 1;                     /* ev_write is added */
     unsigned closing : 1;                     /* close once the output drains */
-    unsigned py_stream : 1;                   /* Python holds a suspended iterator for us */
+    unsigned py_stream : 1;                   /* Python holds state for us (STREAM or QUEUED) */
+    unsigned job : 1;                         /* threads > 1: counted in loop->jobs */
+    blaze_conn *park_next;                    /* in loop->parked (CONN_PARKED) */
+    double t_job;                             /* CONN_THREAD since (the hung-request clock) */
     unsigned long long served;                /* responses completed on this connection */
     struct evbuffer *out;                     /* owned, created on the first short write */
 
@@ -197,6 +210,11 @@ int loop_scratch_reserve(blaze_loop *loop, size_t need);
 extern char blaze_date_header[64];
 
 void loop_stop_graceful(blaze_loop *loop);
+/* threads > 1: the pool has no room (2 requests per thread: running + queued). */
+int loop_jobs_full(const blaze_loop *loop);
+void loop_park(blaze_loop *loop, blaze_conn *c);
+void loop_unpark_remove(blaze_loop *loop, blaze_conn *c);
+void loop_unpark_later(blaze_loop *loop);
 /* A graceful stop began, or SIGTERM arrived and the loop has not seen it yet. */
 int loop_stopping(const blaze_loop *loop);
 /* max_requests: does the response being framed now end this worker's run? */
@@ -246,6 +264,9 @@ int conn_send(blaze_conn *c, const struct iovec *iov, int n);
 void conn_send_error(blaze_conn *c, int status, const char *why);
 void conn_broken(blaze_conn *c);
 void conn_want_write(blaze_conn *c);
+/* threads > 1: c's app thread has output (blaze_py_done), or c got room in the pool. */
+void conn_job_ready(blaze_conn *c, int rc);
+void conn_unpark(blaze_conn *c);
 
 /* blaze_http.c */
 void http_settings_init(http_parser_settings *s);

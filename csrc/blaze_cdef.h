@@ -80,6 +80,8 @@ typedef struct {
     const blaze_net *trusted;     /* forwarded_allow_ips (copied) */
     int ntrusted;
     int trust_all;                /* forwarded_allow_ips = * */
+    int threads;                  /* app threads (>1: requests go to the thread pool) */
+    int wake_fd;                  /* threads > 1: the eventfd app threads signal (Python owns it) */
 } blaze_limits;
 
 /* One parsed request, valid for the duration of blaze_py_request only. */
@@ -103,7 +105,8 @@ enum { BLAZE_KEYSETS_PY = 256 };
 enum {
     BLAZE_PY_DONE = 0,            /* the response is complete (blaze_resp_finish was called) */
     BLAZE_PY_STREAM = 1,          /* more body to come: call blaze_py_resume when output drains */
-    BLAZE_PY_ERROR = -1           /* the app failed: 500 if nothing was sent, else close */
+    BLAZE_PY_ERROR = -1,          /* the app failed: 500 if nothing was sent, else close */
+    BLAZE_PY_QUEUED = 2           /* an app thread has it: blaze_py_done hands c back when ready */
 };
 
 /* Loop: one per worker process. Errors come back as text in err. */

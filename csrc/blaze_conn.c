@@ -7,6 +7,10 @@
  *   APP   --STREAM--> STREAM --output drained--> APP (blaze_py_resume)
  *   any   --bad request--> LINGER (error answered, write side shut) --> closed
  *   APP   --socket broke inside Python--> DEAD --call returns--> freed
+ * With threads > 1 (the app runs in Python's thread pool):
+ *   HEAD/BODY --complete, pool full--> PARKED --room--> APP
+ *   APP   --QUEUED--> THREAD --output ready: blaze_py_done sends it--> as after APP
+ *   THREAD --client closed--> freed (Python is told: blaze_py_abort)
  * Reading is on only in HEAD, BODY and LINGER: a client cannot pile up
  * requests while its responses wait (backpressure), and pipelined
  * requests are answered in order.
@@ -120,6 +124,15 @@ fail:
     return NULL;
 }
 
+static void job_end(blaze_conn *c)
+{
+    if (c->job) {
+        c->job = 0;
+        c->loop->jobs--;
+        loop_unpark_later(c->loop);
+    }
+}
+
 void conn_free(blaze_conn *c)
 {
     blaze_loop *loop = c->loop;
@@ -128,6 +141,9 @@ void conn_free(blaze_conn *c)
         c->py_stream = 0;
         blaze_py_abort(c->id);      /* Python closes the app's iterable */
     }
+    if (c->state == CONN_PARKED)
+        loop_unpark_remove(loop, c);
+    job_end(c);
     if (loop->head_conn == c)
         loop->head_conn = NULL;
     event_free(c->ev_read);
@@ -287,8 +303,10 @@ static void response_done(blaze_conn *c)
 static int after_python(blaze_conn *c, int rc)
 {
     /* Set first: if c is freed below, conn_free must tell Python to close
-     * the iterable it keeps for a STREAM. */
-    c->py_stream = rc == BLAZE_PY_STREAM;
+     * the iterable it keeps for a STREAM or forget the job of a thread. */
+    c->py_stream = rc == BLAZE_PY_STREAM || rc == BLAZE_PY_QUEUED;
+    if (!c->py_stream)
+        job_end(c);
     if (c->state == CONN_DEAD) {
         conn_free(c);
         return -1;
@@ -296,6 +314,14 @@ static int after_python(blaze_conn *c, int rc)
     if (rc != BLAZE_PY_ERROR && write_flush_head(c) != BLAZE_OK)
         return -1;        /* broken: the zero-delay timer frees it */
     switch (rc) {
+    case BLAZE_PY_QUEUED:
+        /* The app thread works; meanwhile only watch for the client leaving. */
+        c->state = CONN_THREAD;
+        c->t_job = stats_now();
+        if (write_pending(c) == 0)    /* else on_write drains the last batch meanwhile */
+            timer_set(c, TIMER_NONE);
+        read_on(c);
+        return -1;
     case BLAZE_PY_STREAM:
         c->state = CONN_STREAM;
         read_off(c);
@@ -346,6 +372,14 @@ static void refuse_rate_limited(blaze_conn *c, double retry_after)
 
 static int dispatch(blaze_conn *c)
 {
+    blaze_loop *loop = c->loop;
+    int threaded = loop->lim.threads > 1;
+    if (threaded && loop_jobs_full(loop)) {
+        loop_park(loop, c);           /* read off: this client waits, unread */
+        read_off(c);
+        timer_set(c, TIMER_NONE);
+        return -1;
+    }
     blaze_request req;
     int st = http_build_environ(c, &req);
     if (st != 0) {
@@ -354,21 +388,56 @@ static int dispatch(blaze_conn *c)
     }
     c->state = CONN_APP;
     c->in_flight = 1;
-    stats_in_flight(c->loop, 1);
+    stats_in_flight(loop, 1);
+    if (threaded) {
+        /* the app runs in a thread: the loop's tick keeps the hung-request clock */
+        c->job = 1;
+        loop->jobs++;
+        return after_python(c, blaze_py_request(c, req.keyset, req.values, req.values_len,
+                                                 req.listener, &req));
+    }
     /* no body: the head just completed, t_start is still "now" */
-    stats_busy_at(c->loop, c->body_kind == BODY_NONE ? c->t_start : stats_now());
+    stats_busy_at(loop, c->body_kind == BODY_NONE ? c->t_start : stats_now());
     int rc = blaze_py_request(c, req.keyset, req.values, req.values_len, req.listener, &req);
-    stats_idle(c->loop);
+    stats_idle(loop);
     return after_python(c, rc);
 }
 
 static void resume(blaze_conn *c)
 {
     c->state = CONN_APP;
-    stats_busy(c->loop);
-    int rc = blaze_py_resume(c, c->id);
-    stats_idle(c->loop);
+    int rc;
+    if (c->job) {
+        rc = blaze_py_resume(c, c->id);
+    } else {
+        stats_busy(c->loop);
+        rc = blaze_py_resume(c, c->id);
+        stats_idle(c->loop);
+    }
     if (after_python(c, rc) == 0)
+        conn_step(c);
+}
+
+void conn_job_ready(blaze_conn *c, int rc)
+{
+    if (c->state == CONN_THREAD) {
+        read_off(c);
+        c->state = CONN_APP;
+    }
+    if (after_python(c, rc) == 0)
+        conn_step(c);
+}
+
+void conn_unpark(blaze_conn *c)
+{
+    /* Its client may have left while it waited unread: then the app is not called. */
+    char byte;
+    ssize_t n = recv(c->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+        conn_free(c);
+        return;
+    }
+    if (dispatch(c) == 0)
         conn_step(c);
 }
 
@@ -455,6 +524,8 @@ static void conn_step(blaze_conn *c)
             break;
         case CONN_APP:
         case CONN_STREAM:
+        case CONN_PARKED:
+        case CONN_THREAD:
         case CONN_LINGER:
         case CONN_DEAD:
         default:
@@ -489,6 +560,23 @@ static void on_read(evutil_socket_t fd, short what, void *arg)
             conn_free(c);
             return;
         }
+    }
+    if (c->state == CONN_THREAD) {
+        /* The request is with an app thread: only a close matters now.  Bytes
+         * of a pipelined request stay in the socket until this one is done. */
+        char byte;
+        ssize_t n = recv(fd, &byte, 1, MSG_PEEK);
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+            return;
+        if (n > 0 || c->resp_started) {
+            /* Pipelined bytes; or a client that left once the response began
+             * (it may have it all): the response ends as usual, and a write
+             * that fails then closes the connection. */
+            read_off(c);
+        } else {
+            conn_free(c);     /* Python is told (blaze_py_abort) and closes the iterable */
+        }
+        return;
     }
     if (c->state != CONN_HEAD && c->state != CONN_BODY) {
         read_off(c);
@@ -541,6 +629,9 @@ static void on_write(evutil_socket_t fd, short what, void *arg)
         break;
     case CONN_LINGER:
         shutdown(c->fd, SHUT_WR);
+        break;
+    case CONN_THREAD:
+        timer_set(c, TIMER_NONE);     /* drained; the app thread's time is not io time */
         break;
     default:
         break;

@@ -24,6 +24,13 @@
 #include <unistd.h>
 #include <sys/socket.h>
 
+/* Accept more only when there is room: not stopping, under max_connections,
+ * and (threads > 1) no complete request waiting for the pool. */
+static int may_accept(const blaze_loop *loop)
+{
+    return !loop->stopping && loop->nconns < loop->lim.max_connections && loop->parked == NULL;
+}
+
 static void set_accepting(blaze_loop *loop, int on)
 {
     if (loop->accepting == on)
@@ -69,7 +76,7 @@ static void on_accept_pause_over(evutil_socket_t fd, short what, void *arg)
     blaze_loop *loop = arg;
     (void)fd;
     (void)what;
-    if (!loop->stopping && loop->nconns < loop->lim.max_connections)
+    if (may_accept(loop))
         set_accepting(loop, 1);
 }
 
@@ -96,7 +103,7 @@ void loop_conn_closed(blaze_loop *loop, blaze_conn *c)
         c->next->prev = c->prev;
     loop->nconns--;
     stats_connections(loop);
-    if (!loop->stopping && loop->nconns < loop->lim.max_connections)
+    if (may_accept(loop))
         set_accepting(loop, 1);
     loop_maybe_exit(loop);
 }
@@ -236,6 +243,100 @@ static void on_grace_over(evutil_socket_t fd, short what, void *arg)
     event_base_loopbreak(loop->base);
 }
 
+/* ---- threads > 1: the thread pool's side of the loop ----
+ * Python's app threads take requests from blaze_py_request (QUEUED) and,
+ * when output is ready, queue the connection and write the eventfd; the
+ * loop then has Python send them, a burst per call (blaze_py_done).  At most
+ * two requests per thread are with Python (one running, one queued); a
+ * further complete request is parked, unread input stays in the socket,
+ * and accepting pauses, so other workers take the new connections. */
+int loop_jobs_full(const blaze_loop *loop)
+{
+    return loop->jobs >= 2 * loop->lim.threads;
+}
+
+void loop_park(blaze_loop *loop, blaze_conn *c)
+{
+    c->state = CONN_PARKED;
+    c->park_next = NULL;
+    if (loop->parked_tail)
+        loop->parked_tail->park_next = c;
+    else
+        loop->parked = c;
+    loop->parked_tail = c;
+    set_accepting(loop, 0);
+}
+
+void loop_unpark_remove(blaze_loop *loop, blaze_conn *c)
+{
+    blaze_conn **p = &loop->parked, *prev = NULL;
+    while (*p && *p != c) {
+        prev = *p;
+        p = &(*p)->park_next;
+    }
+    if (*p == NULL)
+        return;
+    *p = c->park_next;
+    if (loop->parked_tail == c)
+        loop->parked_tail = prev;
+    c->park_next = NULL;
+}
+
+/* Room in the pool: unpark from the loop (not from inside a finishing request). */
+void loop_unpark_later(blaze_loop *loop)
+{
+    if (loop->parked && loop->unpark_ev)
+        event_active(loop->unpark_ev, EV_TIMEOUT, 0);
+}
+
+static void on_unpark(evutil_socket_t fd, short what, void *arg)
+{
+    blaze_loop *loop = arg;
+    (void)fd;
+    (void)what;
+    while (loop->parked && !loop_jobs_full(loop)) {
+        blaze_conn *c = loop->parked;
+        loop->parked = c->park_next;
+        if (loop->parked == NULL)
+            loop->parked_tail = NULL;
+        c->park_next = NULL;
+        conn_unpark(c);
+    }
+    if (may_accept(loop))
+        set_accepting(loop, 1);
+}
+
+static void on_wake(evutil_socket_t fd, short what, void *arg)
+{
+    blaze_loop *loop = arg;
+    uint64_t count;
+    (void)what;
+    (void)loop;
+    while (read(fd, &count, sizeof(count)) < 0 && errno == EINTR)
+        ;
+    /* One call into Python for a burst of ready responses: one GIL round trip. */
+    blaze_conn *conns[BLAZE_DONE_BATCH];
+    int rcs[BLAZE_DONE_BATCH], n;
+    do {
+        n = blaze_py_done(conns, rcs, BLAZE_DONE_BATCH);
+        for (int i = 0; i < n; i++)
+            conn_job_ready(conns[i], rcs[i]);
+    } while (n == BLAZE_DONE_BATCH);
+}
+
+/* The hung-request clock with threads: the oldest request an app thread holds. */
+static void stats_jobs(blaze_loop *loop)
+{
+    double oldest = 0;
+    for (blaze_conn *c = loop->conns; c; c = c->next)
+        if (c->state == CONN_THREAD && c->job && (oldest == 0 || c->t_job < oldest))
+            oldest = c->t_job;
+    if (oldest > 0)
+        stats_busy_at(loop, oldest);
+    else
+        stats_idle(loop);
+}
+
 static void on_tick(evutil_socket_t fd, short what, void *arg)
 {
     blaze_loop *loop = arg;
@@ -243,6 +344,8 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
     (void)what;
     write_update_date();
     stats_heartbeat(loop);
+    if (loop->lim.threads > 1)
+        stats_jobs(loop);
     log_flush(loop);
     if (loop->lim.parent_pid > 0 && getppid() != loop->lim.parent_pid)
         stop_graceful(loop, 1);  /* orphaned: the master is gone */
@@ -299,6 +402,18 @@ blaze_loop *blaze_loop_new(const blaze_limits *limits, char *err, size_t errlen)
         !loop->tv_header || !loop->tv_keepalive || !loop->tv_io || !loop->tv_linger) {
         snprintf(err, errlen, "cannot create loop events");
         goto fail;
+    }
+    if (limits->threads > 1) {
+        if (limits->wake_fd < 0) {
+            snprintf(err, errlen, "threads > 1 needs the pool's wake descriptor");
+            goto fail;
+        }
+        loop->wake_ev = event_new(loop->base, limits->wake_fd, EV_READ | EV_PERSIST, on_wake, loop);
+        loop->unpark_ev = evtimer_new(loop->base, on_unpark, loop);
+        if (!loop->wake_ev || !loop->unpark_ev || event_add(loop->wake_ev, NULL) != 0) {
+            snprintf(err, errlen, "cannot create the thread pool's events");
+            goto fail;
+        }
     }
     struct timeval one = {1, 0};
     if (install_signals(loop) != BLAZE_OK || event_add(loop->tick, &one)) {
@@ -381,6 +496,8 @@ void blaze_loop_free(blaze_loop *loop)
     if (loop->sig_event) event_free(loop->sig_event);
     if (loop->tick) event_free(loop->tick);
     if (loop->grace) event_free(loop->grace);
+    if (loop->wake_ev) event_free(loop->wake_ev);
+    if (loop->unpark_ev) event_free(loop->unpark_ev);
     if (loop->base) event_base_free(loop->base);
     log_free(loop);
     for (int i = 0; i < BLAZE_KEYSETS; i++)

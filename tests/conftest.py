@@ -53,6 +53,8 @@ class Server:
         self.bind = bind or [f"127.0.0.1:{self.port}"]
         settings = {"wsgi_path": app, "sockets": ",".join(self.bind), "min_workers": str(workers),
                     "graceful_timeout": "10"}
+        if os.environ.get("BLAZE_TEST_THREADS"):   # run a suite again with the thread pool on
+            settings["threads"] = os.environ["BLAZE_TEST_THREADS"]
         settings.update({k: str(v) for k, v in (extra or {}).items()})
         self.config = os.path.join(tmp_path, "config.ini")
         with open(self.config, "w") as f:

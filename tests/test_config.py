@@ -442,12 +442,12 @@ def test_version(workdir):
 
 def test_log_level_flag_overrides_file(workdir, launched):
     port = free_port()
-    cfg = write_config(workdir, {"sockets": f"127.0.0.1:{port}", "log_level": "info", "threads": "4"})
+    cfg = write_config(workdir, {"sockets": f"127.0.0.1:{port}", "log_level": "info", "ssl_ciphers": "HIGH"})
     p = launched([BLAZE, cfg, "--log-level", "warning", "--timeout", "5"], workdir, port)
     assert get(port) == (200, b"marker")
     assert stop(p) == 0
     log = open(p.log_path).read()
     assert "[INFO]" not in log, log
-    # threads is validated now but used by a later version: the operator is told so
-    assert "[WARNING] threads is set but not used by this version" in log, log
+    # ssl_ciphers is validated now but used by a later version: the operator is told so
+    assert "[WARNING] ssl_ciphers is set but not used by this version" in log, log
     assert "timeout is set but not used" not in log, log      # timeout is implemented

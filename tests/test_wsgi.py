@@ -118,7 +118,7 @@ def test_environ_complete(srv):
         "REMOTE_PORT": str(local_port),
         "wsgi.version": {"tuple": [1, 0]},
         "wsgi.url_scheme": "http",
-        "wsgi.multithread": False,
+        "wsgi.multithread": os.environ.get("BLAZE_TEST_THREADS", "1") != "1",
         "wsgi.multiprocess": False,
         "wsgi.run_once": False,
         "wsgi.input_terminated": True,
@@ -220,7 +220,7 @@ def test_multiprocess_true_with_several_workers(server_factory):
     wait_until(lambda: len(s.worker_pids()) == 2, 10, what="two workers")
     env = jget(s, "/environ")
     assert env["wsgi.multiprocess"] is True
-    assert env["wsgi.multithread"] is False
+    assert env["wsgi.multithread"] is (os.environ.get("BLAZE_TEST_THREADS", "1") != "1")
     assert env["wsgi.run_once"] is False
     assert_no_validator_complaints(s.output())
 
