@@ -38,6 +38,15 @@ log = logging.getLogger("blazewsgi.error")
 
 # What the app returned, as the loop sends it.
 CHUNKS, SIMPLE, GENERAL = 0, 1, 2
+# Iterators over data that already exists (Django's HttpResponse iterates its
+# list): taken whole, one hand-off to the loop instead of one per chunk.
+_MATERIALIZED = (type(iter([])), type(iter(())))
+
+
+def _check(chunk):
+    if type(chunk) is not bytes:
+        raise TypeError(f"the application yielded {type(chunk).__name__}, not bytes")
+    return chunk
 
 
 class _Gone(Exception):
@@ -261,7 +270,16 @@ class Pool:
                 elif not job.committed and type(result) is wsgi.FileWrapper:
                     job.kind = GENERAL      # sendfile from the loop
                 else:
-                    for chunk in result:
+                    it = iter(result)
+                    if type(it) in _MATERIALIZED and not job.committed:
+                        data = b"".join(_check(c) for c in it)
+                        if data:                # goes with the end: one hand-off
+                            job.committed = True
+                            with self.lock:
+                                job.chunks.append(data)
+                                job.size += len(data)
+                        it = ()
+                    for chunk in it:
                         if type(chunk) is not bytes:
                             raise TypeError(f"the application yielded {type(chunk).__name__}, not bytes")
                         if chunk:
