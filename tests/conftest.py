@@ -6,10 +6,12 @@ HTTP request (polling, never a fixed sleep) and stops it at teardown
 (SIGTERM, then SIGKILL if it hangs).  Test apps live in tests/apps.py.
 """
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import weakref
 
@@ -230,3 +232,50 @@ def read_response(sock, head_only=False):
         if not chunk:
             return status, headers, rest
         rest += chunk
+
+
+@pytest.fixture
+def sockdir():
+    """A short directory for Unix sockets: their paths are limited to 107 bytes."""
+    d = tempfile.mkdtemp(prefix="bz-", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def start_nginx(d, conf_text, port):
+    """Run a real nginx (as the current user, config, pid and logs in d) until it listens on port."""
+    conf = os.path.join(d, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(conf_text)
+    with open(os.path.join(d, "nginx-stdout.log"), "wb") as log:
+        p = subprocess.Popen([NGINX, "-p", d, "-e", os.path.join(d, "nginx-startup.log"), "-c", conf,
+                              "-g", f"daemon off; pid {d}/nginx.pid;"],
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def up():
+        if p.poll() is not None:
+            return True
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+    try:
+        wait_until(up, 15, what="nginx to listen")
+    except AssertionError:
+        stop_nginx(p)
+        raise
+    if p.poll() is not None:
+        logs = [os.path.join(d, n) for n in ("nginx-startup.log", "nginx-error.log", "error.log")]
+        raise AssertionError("nginx exited:\n" + "".join(open(x).read() for x in logs if os.path.exists(x)))
+    return p
+
+
+def stop_nginx(p):
+    if p.poll() is None:
+        p.send_signal(signal.SIGQUIT)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()

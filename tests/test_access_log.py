@@ -53,12 +53,6 @@ def make_server(server_factory):
     return make
 
 
-@pytest.fixture
-def sockdir():
-    d = tempfile.mkdtemp(prefix="bzl-", dir="/tmp")     # Unix socket paths: at most 107 bytes
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
 
 # ---------------------------------------------------------------- helpers
 

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -18,9 +17,8 @@ import tempfile
 
 import pytest
 
-from conftest import Server, free_port, wait_until
+from conftest import Server, free_port, start_nginx, stop_nginx
 
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 DJANGO_ADMIN = os.path.join(os.path.dirname(sys.executable), "django-admin")
 MiB = 1024 * 1024
 
@@ -125,32 +123,12 @@ def stack(tmp_path_factory):
         port = free_port()
         ngx = os.path.join(tmp, "nginx")
         os.mkdir(ngx)
-        conf = os.path.join(ngx, "nginx.conf")
-        with open(conf, "w") as f:
-            f.write(NGINX_CONF.format(tmp=ngx, sock_a=sock_a, sock_b=sock_b, port=port))
-        nginx_log = open(os.path.join(ngx, "nginx-stdout.log"), "wb")
-        nginx = subprocess.Popen([NGINX, "-p", ngx, "-e", os.path.join(ngx, "nginx-startup.log"), "-c", conf,
-                                  "-g", f"daemon off; pid {ngx}/nginx.pid;"],
-                                 stdout=nginx_log, stderr=subprocess.STDOUT, start_new_session=True)
-
-        def nginx_up():
-            if nginx.poll() is not None:
-                return True
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", port)) == 0
-
-        wait_until(nginx_up, 15, what="nginx to listen")
-        assert nginx.poll() is None, "nginx exited:\n" + open(os.path.join(ngx, "nginx-error.log")).read()
+        nginx = start_nginx(ngx, NGINX_CONF.format(tmp=ngx, sock_a=sock_a, sock_b=sock_b, port=port), port)
         yield {"server": server, "port": port, "sock_a": sock_a, "sock_b": sock_b, "project": project,
                "nginx_dir": ngx}
     finally:
-        if nginx is not None and nginx.poll() is None:
-            nginx.send_signal(signal.SIGQUIT)
-            try:
-                nginx.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(nginx.pid, signal.SIGKILL)
-                nginx.wait()
+        if nginx is not None:
+            stop_nginx(nginx)
         try:
             server.stop()
         except AssertionError:

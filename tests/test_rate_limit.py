@@ -27,22 +27,19 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from apps_log import ACCESS
-from conftest import free_port, http_probe, read_response, request, wait_until
+from conftest import free_port, http_probe, read_response, request, start_nginx, stop_nginx, wait_until
 
 TOO_MANY = b"429 Too Many Requests: rate limit exceeded\n"
 COMPLETE = re.compile(r"(?i)reload complete")
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 APP_SOURCE = r'''
 import json
@@ -497,7 +494,6 @@ NGINX_CONF = '''
 {user}
 worker_processes 1;
 error_log {d}/error.log info;
-pid {d}/nginx.pid;
 events {{ worker_connections 128; }}
 http {{
     access_log off;
@@ -526,12 +522,6 @@ http {{
 '''
 
 
-@pytest.fixture
-def sockdir():
-    d = tempfile.mkdtemp(prefix="bzr-", dir="/tmp")     # Unix socket paths: at most 107 bytes
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
 
 @pytest.fixture
 def nginx(tmp_path):
@@ -542,33 +532,13 @@ def nginx(tmp_path):
         d = os.path.join(str(tmp_path), "nginx")
         os.makedirs(d)
         port = free_port()
-        conf = os.path.join(d, "nginx.conf")
-        with open(conf, "w") as f:
-            f.write(NGINX_CONF.format(user="user root;" if os.geteuid() == 0 else "", d=d, sock=sock, port=port))
-        log = open(os.path.join(d, "stdout.log"), "wb")
-        p = subprocess.Popen([NGINX, "-p", d, "-e", os.path.join(d, "startup.log"), "-c", conf,
-                              "-g", "daemon off;"], stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-        procs.append(p)
-
-        def up():
-            if p.poll() is not None:
-                return True
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", port)) == 0
-        wait_until(up, 15, what="nginx to listen")
-        assert p.poll() is None, "nginx exited:\n" + open(os.path.join(d, "startup.log")).read()
+        text = NGINX_CONF.format(user="user root;" if os.geteuid() == 0 else "", d=d, sock=sock, port=port)
+        procs.append(start_nginx(d, text, port))
         return port
 
     yield start
     for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGQUIT)
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        stop_nginx(p)
 
 
 def unix_get(path, target, headers=(), sock=None):

@@ -326,12 +326,6 @@ def test_app_import_error_on_reload_keeps_old_workers(server_factory, tmp_path):
 
 # ---------------------------------------------------------------- USR2: a new master
 
-@pytest.fixture
-def sockdir():
-    d = tempfile.mkdtemp(prefix="bzr-", dir="/tmp")     # Unix socket paths: at most 107 bytes
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
 
 @pytest.fixture
 def session_reaper():

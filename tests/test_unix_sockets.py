@@ -17,13 +17,6 @@ from conftest import free_port, request, wait_until
 APP = "apps_process:pid_app"
 
 
-@pytest.fixture
-def sockdir():
-    """A short directory: Unix socket paths are limited to 107 bytes."""
-    d = tempfile.mkdtemp(prefix="bzu-", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
 
 @pytest.fixture
 def make_server(server_factory):
