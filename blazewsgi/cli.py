@@ -59,7 +59,7 @@ def main(argv=None):
         return 0
     log = logs.setup(cfg.log_level, cfg.log_dir)
     for st in SETTINGS:
-        if st.later and cfg.non_default(st.name) and st.name not in ("ssl",):
+        if st.later and cfg.non_default(st.name):
             log.warning("%s is set but not used by this version (it arrives with %s)", st.name, st.later)
 
     from .arbiter import INHERIT_ENV, Arbiter

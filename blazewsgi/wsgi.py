@@ -63,15 +63,16 @@ class FileWrapper:
         raise StopIteration
 
 
-def setup(app, listeners, multiprocess):
-    """Called once per worker before the loop runs."""
+def setup(app, listeners, multiprocess, tls=None):
+    """Called once per worker before the loop runs; tls[i]: listener i speaks TLS."""
     global _app
     _app = app
     _bases.clear()
-    for lst in listeners:
+    for i, lst in enumerate(listeners):
+        secure = bool(tls and tls[i])
         _bases.append({
             "wsgi.version": (1, 0),
-            "wsgi.url_scheme": "http",
+            "wsgi.url_scheme": "https" if secure else "http",
             "wsgi.errors": sys.stderr,
             "wsgi.multithread": False,
             "wsgi.multiprocess": multiprocess,
@@ -90,6 +91,8 @@ def setup(app, listeners, multiprocess):
         })
         if lst.kind == "unix":
             _bases[-1]["REMOTE_ADDR"] = ""   # a Unix peer has no address (as gunicorn says it)
+        if secure:
+            _bases[-1]["HTTPS"] = "on"       # the CGI key; SSL_CLIENT_S_DN comes from C with mTLS
 
 
 def _header_block(headers):

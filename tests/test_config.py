@@ -101,8 +101,8 @@ ERROR_CASES = [
     ("socket-mode-not-octal", {"socket_mode": "0999"}, ["socket_mode", "'0999'", "octal"]),
     ("socket-mode-words", {"socket_mode": "rw-rw-rw-"}, ["socket_mode", "'rw-rw-rw-'", "octal"]),
     ("socket-mode-too-big", {"socket_mode": "7777"}, ["socket_mode", "7777"]),
-    ("ssl-true", {"ssl": "true"}, ["ssl", "TLS", "not in this version"]),
-    ("ssl-yes", {"ssl": "yes"}, ["ssl", "TLS", "not in this version"]),
+    ("ssl-true-without-cert", {"ssl": "true"}, ["ssl_certfile", "missing", "ssl = true"]),
+    ("ssl-yes-without-cert", {"ssl": "yes"}, ["ssl_certfile", "missing", "ssl = true"]),
 ]
 
 
