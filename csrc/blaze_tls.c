@@ -15,8 +15,9 @@
  * ones (ACCEPT_MOVING_WRITE_BUFFER: from any address).  Those bytes go to
  * conn->out, which only grows until they leave, and every write passes
  * min(queued, TLS_RECORD) bytes: never fewer than the record waiting.
- * OpenSSL may hold decrypted bytes the socket will not signal again:
- * read_on (blaze_conn.c) re-arms the read when tls_has_pending says so.
+ * OpenSSL may hold decrypted bytes the socket will not signal again (a
+ * record bigger than the room left in conn->buf): read_on (blaze_conn.c)
+ * runs the read callback when tls_has_pending says so.
  *
  * SSL_CTX: each worker builds its own after fork (blaze_tls_new, called by
  * worker.py); the master builds and frees one at start-up and at every
@@ -209,9 +210,13 @@ static void tls_fail(blaze_conn *c)
     ERR_clear_error();
 }
 
+/* Decrypted bytes OpenSSL holds.  Not SSL_has_pending: that also counts
+ * half a record, which only the socket can complete (re-arming the read
+ * for it would spin).  Without read-ahead OpenSSL reads one record at a
+ * time, so no whole record waits undecrypted behind the socket's back. */
 int tls_has_pending(const blaze_conn *c)
 {
-    return SSL_has_pending(c->ssl);
+    return SSL_pending(c->ssl) > 0;
 }
 
 /* The client certificate's subject (RFC 2253, as nginx's $ssl_client_s_dn), for the environ. */
