@@ -62,9 +62,11 @@ static void read_on(blaze_conn *c)
 {
     if (!c->reading && event_add(c->ev_read, NULL) == 0)
         c->reading = 1;
-    /* OpenSSL may already hold the bytes (a pipelined request in the same
-     * record): the socket will not say so, so run the read callback now. */
-    if (c->ssl && c->reading && tls_has_pending(c))
+    /* OpenSSL may already hold the bytes (read ahead, or a record larger
+     * than the room left in buf): the socket will not say so, so run the
+     * read callback now.  Not in the handshake, which has used all it can:
+     * a half record there would bring us back here at once, in a loop. */
+    if (c->ssl && c->reading && c->state != CONN_HANDSHAKE && tls_has_pending(c))
         event_active(c->ev_read, EV_READ, 0);
 }
 

@@ -15,9 +15,10 @@
  * ones (ACCEPT_MOVING_WRITE_BUFFER: from any address).  Those bytes go to
  * conn->out, which only grows until they leave, and every write passes
  * min(queued, TLS_RECORD) bytes: never fewer than the record waiting.
- * OpenSSL may hold decrypted bytes the socket will not signal again (a
- * record bigger than the room left in conn->buf): read_on (blaze_conn.c)
- * runs the read callback when tls_has_pending says so.
+ * Read-ahead is on: one read(2) takes what the socket has (a request's
+ * record, pipelined ones) instead of a record header and then its body.
+ * So OpenSSL may hold bytes the socket will not signal again: read_on
+ * (blaze_conn.c) runs the read callback when tls_has_pending says so.
  *
  * SSL_CTX: each worker builds its own after fork (blaze_tls_new, called by
  * worker.py); the master builds and frees one at start-up and at every
@@ -154,6 +155,7 @@ blaze_tls *blaze_tls_new(const blaze_tls_config *cfg, char *err, size_t errlen)
         SSL_CTX_set_tlsext_ticket_keys(ctx, (void *)cfg->ticket_keys, BLAZE_TLS_TICKET_KEYS) != 1)
         FAIL("cannot set the session ticket keys (%s)", ssl_reason());
     SSL_CTX_set_alpn_select_cb(ctx, alpn_select, NULL);
+    SSL_CTX_set_read_ahead(ctx, 1);      /* one read(2) per request, not two */
     return tls;
 fail:
     if (cas)
@@ -210,13 +212,12 @@ static void tls_fail(blaze_conn *c)
     ERR_clear_error();
 }
 
-/* Decrypted bytes OpenSSL holds.  Not SSL_has_pending: that also counts
- * half a record, which only the socket can complete (re-arming the read
- * for it would spin).  Without read-ahead OpenSSL reads one record at a
- * time, so no whole record waits undecrypted behind the socket's back. */
+/* Bytes OpenSSL holds: decrypted, or records read ahead from the socket
+ * (possibly half a one: a read then just finds nothing and waits for the
+ * socket, so callers must not loop on this without reading). */
 int tls_has_pending(const blaze_conn *c)
 {
-    return SSL_pending(c->ssl) > 0;
+    return SSL_has_pending(c->ssl);
 }
 
 /* The client certificate's subject (RFC 2253, as nginx's $ssl_client_s_dn), for the environ. */
