@@ -188,11 +188,14 @@ def test_curl_cacert_keepalive(server_factory, pki):
     assert proc.returncode == 60, proc.stderr
 
 
-@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3", "-tls1_2 -no_ticket"],
+                         ids=["tls1_2-ticket", "tls1_3-ticket", "tls1_2-session-cache"])
 def test_s_client_alpn_version_and_resumption(server_factory, pki, tmp_path, version):
+    """Resumption by ticket, and (TLS 1.2 without tickets) from the worker's session cache."""
     srv = tls_server(server_factory, pki)
     sess = str(tmp_path / "session.pem")
-    first = s_client(srv.port, version, "-alpn", "http/1.1", "-CAfile", pki.path("server.pem"),
+    version, *more = version.split()
+    first = s_client(srv.port, version, *more, "-alpn", "http/1.1", "-CAfile", pki.path("server.pem"),
                      "-sess_out", sess)
     out = first.stdout.decode("latin-1")
     assert "HTTP/1.1 200 OK" in out and "GET /s-client" in out, out[-2000:]
@@ -200,7 +203,7 @@ def test_s_client_alpn_version_and_resumption(server_factory, pki, tmp_path, ver
     assert f"Protocol  : TLSv1.{version[-1]}" in out
     assert "New, TLSv1." in out
     assert "Verify return code: 0 (ok)" in out
-    second = s_client(srv.port, version, "-sess_in", sess)
+    second = s_client(srv.port, version, *more, "-sess_in", sess)
     out = second.stdout.decode("latin-1")
     assert "Reused, TLSv1." in out, out[-2000:]
     assert "HTTP/1.1 200 OK" in out
@@ -336,6 +339,9 @@ def test_50mib_downloads_by_hash(server_factory, pki, tmp_path):
         status, headers, n, digest = _sha256_of_response(
             conn, f"/raw/sendfile?path={path}&log={tmp_path / 'l'}&offset=1000")
         assert (n, digest) == (MIB50 - 1000, hashlib.sha256(data[1000:]).hexdigest())
+        # the legacy write() callable: one 16 MiB write, flushed while the client reads
+        status, headers, n, digest = _sha256_of_response(conn, "/write?mode=big&mib=16")
+        assert status == 200 and (n, digest) == (16 * 1024 * 1024, pattern_sha256(16 * 16))
         sock = conn.sock
         status, headers, n, digest = _sha256_of_response(conn, "/text")
         assert status == 200 and conn.sock is sock, "one connection for all of them (keep-alive)"
