@@ -382,10 +382,11 @@ def _check_together(cfg):
     if not os.path.isdir(tmp) or not os.access(tmp, os.W_OK | os.X_OK):
         raise ConfigError(f"{where}: [{SECTION}] tmp_dir: {tmp}: not a writable directory")
     v["tmp_dir"] = tmp
-    _check_tls(where, v)
+    _check_tls(where, cfg)
 
 
-def _check_tls(where, v):
+def _check_tls(where, cfg):
+    v = cfg._values
     if v["ssl"]:
         for key in ("ssl_certfile", "ssl_keyfile"):
             if not v[key]:
@@ -409,7 +410,7 @@ def _check_tls(where, v):
                           "(the CAs client certificates are checked against)")
     if v["ssl"]:
         from . import tls     # the C core builds (and here drops) an SSL_CTX: OpenSSL's own verdict
-        why = tls.check(v)
+        why = tls.check(cfg)
         if why:
             raise ConfigError(f"{where}: [{SECTION}] {why}")
 

@@ -21,8 +21,9 @@ def uses_tls(cfg, listener_kind):
     return bool(cfg.ssl) and (listener_kind == "tcp" or bool(cfg.ssl_unix))
 
 
-def _config(values):
-    """A blaze_tls_config and the C strings it points to (they must outlive the call)."""
+def _config(cfg):
+    """A blaze_tls_config from cfg's ssl_* settings, and the C strings it points to
+    (they must outlive the call)."""
     keep = []
 
     def cstr(v):
@@ -35,21 +36,21 @@ def _config(values):
     keys = ffi.new("unsigned char[]", TICKET_KEYS)
     keep.append(keys)
     c = ffi.new("blaze_tls_config *", {
-        "certfile": cstr(values["ssl_certfile"]),
-        "keyfile": cstr(values["ssl_keyfile"]),
-        "password": cstr(values["ssl_password"]),
-        "ca_certs": cstr(values["ssl_ca_certs"]),
-        "verify_client": 1 if values["ssl_verify_client"] else 0,
-        "ciphers": cstr(values["ssl_ciphers"]),
-        "min_version": 13 if values["ssl_min_version"] == "tlsv1.3" else 12,
+        "certfile": cstr(cfg.ssl_certfile),
+        "keyfile": cstr(cfg.ssl_keyfile),
+        "password": cstr(cfg.ssl_password),
+        "ca_certs": cstr(cfg.ssl_ca_certs),
+        "verify_client": 1 if cfg.ssl_verify_client else 0,
+        "ciphers": cstr(cfg.ssl_ciphers),
+        "min_version": 13 if cfg.ssl_min_version == "tlsv1.3" else 12,
         "ticket_keys": keys,
     })
     return c, keep
 
 
-def new_context(values):
+def new_context(cfg):
     """(blaze_tls *, None) or (NULL, "setting: file: what is wrong")."""
-    c, keep = _config(values)
+    c, keep = _config(cfg)
     err = ffi.new("char[512]")
     tls = lib.blaze_tls_new(c, err, 512)
     del keep
@@ -58,9 +59,9 @@ def new_context(values):
     return tls, None
 
 
-def check(values):
-    """None if an SSL_CTX can be built from these settings, else the reason."""
-    tls, why = new_context(values)
+def check(cfg):
+    """None if an SSL_CTX can be built from cfg's settings, else the reason."""
+    tls, why = new_context(cfg)
     if tls != ffi.NULL:
         lib.blaze_tls_free(tls)
     return why

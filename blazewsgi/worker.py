@@ -90,7 +90,7 @@ def run(cfg, listeners, ready_fd, master_pid, slot=ffi.NULL, max_requests=0):
     # reload's workers load a renewed certificate).  It outlives the loop.
     tls_ctx = ffi.NULL
     if any(use_tls):
-        tls_ctx, why = tls.new_context(cfg._values)
+        tls_ctx, why = tls.new_context(cfg)
         if tls_ctx == ffi.NULL:
             log.error("Cannot set up TLS: %s", why)
             return 1
