@@ -106,7 +106,7 @@ blaze_tls *blaze_tls_new(const blaze_tls_config *cfg, char *err, size_t errlen)
     int min = cfg->min_version == 13 ? TLS1_3_VERSION : TLS1_2_VERSION;
     if (!SSL_CTX_set_min_proto_version(ctx, min))
         FAIL("ssl_min_version: not supported by this OpenSSL (%s)", ssl_reason());
-    /* No renegotiation: a read never has to write, nor a write to read. */
+    /* No renegotiation: a write never has to wait for the socket to be readable. */
     SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE |
                              SSL_OP_NO_COMPRESSION | SSL_OP_IGNORE_UNEXPECTED_EOF);
     SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
