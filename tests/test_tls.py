@@ -13,6 +13,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -454,6 +455,25 @@ def test_plain_http_garbage_and_stalls_are_closed_counted_logged(server_factory,
     assert log.count("[DEBUG] TLS handshake with 127.0.0.1 failed") == 4, log
     assert "failed: http request" in log
     assert log.count("failed: not finished within header_timeout") == 2, log
+
+
+def test_handshake_failures_logged_to_log_dir_without_access_log(server_factory, pki, tmp_path):
+    """The debug line goes to log_dir's day file like the server's own lines, access log on or off."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    srv = tls_server(server_factory, pki, extra={"log_dir": logs, "access_log": "false"})
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        _closed_by_server(s)
+
+    def logged():
+        text = "".join(p.read_text() for p in logs.iterdir())
+        return text if "TLS handshake with 127.0.0.1 failed: http request" in text else None
+    text = wait_until(logged, 10, what="the debug line in log_dir")
+    line = next(x for x in text.splitlines() if "TLS handshake" in x)
+    assert re.fullmatch(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] \[\d+\] \[DEBUG\] TLS handshake with "
+                        r"127\.0\.0\.1 failed: http request", line), line
+    assert "Request:" not in text          # access_log = false
 
 
 def _client_hello(pki):
