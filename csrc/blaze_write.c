@@ -209,8 +209,10 @@ static int frame_head(blaze_conn *c, const char *status, size_t slen, const char
         c->resp_close = 1;        /* HTTP/1.0 and no length: the close ends the body */
     }
     /* Stopping: the last response of a connection says close -- unless more
-     * pipelined requests wait in the buffer; they are answered first. */
-    int stop_here = (loop_stopping(loop) || loop_last_response(loop)) && c->len <= c->scan;
+     * pipelined requests wait in the buffer (or, on TLS, in OpenSSL's); they
+     * are answered first. */
+    int stop_here = (loop_stopping(loop) || loop_last_response(loop)) && c->len <= c->scan &&
+                    !(c->ssl && tls_has_pending(c));
     if (!c->keepalive || c->resp_close || stop_here) {
         c->resp_close = 1;
         if (!c->http10)

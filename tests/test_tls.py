@@ -580,6 +580,76 @@ def test_hup_with_a_broken_certificate_keeps_the_old_workers(server_factory, pki
     assert srv.worker_pids() == pids
 
 
+class BioClient:
+    """A TLS client on memory BIOs: it decides what goes into each TCP send, so
+    several records can leave in one segment (and land in one read-ahead)."""
+
+    def __init__(self, port, ctx):
+        self.raw = socket.create_connection(("127.0.0.1", port), timeout=20)
+        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self.inc, self.out, server_hostname="localhost")
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._pump()
+        self.raw.sendall(self.out.read())          # the client Finished
+
+    def _pump(self):
+        pending = self.out.read()
+        if pending:
+            self.raw.sendall(pending)
+        chunk = self.raw.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed by the server")
+        self.inc.write(chunk)
+
+    def send_records(self, *pieces):
+        """One TLS record per piece, all in one sendall."""
+        for piece in pieces:
+            self.tls.write(piece)
+        self.raw.sendall(self.out.read())
+
+    def recv(self, n):
+        while True:
+            try:
+                return self.tls.read(n)
+            except ssl.SSLWantReadError:
+                try:
+                    self._pump()
+                except ConnectionError:
+                    return b""
+            except ssl.SSLZeroReturnError:
+                return b""
+
+    def close(self):
+        self.raw.close()
+
+
+def test_retiring_worker_answers_requests_waiting_inside_openssl(server_factory, pki, tmp_path):
+    """Three requests in three records of one TCP segment: read-ahead leaves two of them in
+    OpenSSL's buffer, not in ours.  A reload retires the worker while the first one runs;
+    the two waiting ones are still answered, and only the last response says close."""
+    srv = tls_server(server_factory, pki, app="apps_metrics:app")
+    mark = tmp_path / "inflight"
+    c = BioClient(srv.port, pki.client_context())
+    try:
+        c.send_records(f"GET /sleep?s=3&mark={mark} HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+                       b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_until(lambda: mark.exists() and mark.read_text(), 10, what="the slow request to reach the app")
+        old = int(mark.read_text())
+        srv.send(signal.SIGHUP)
+        wait_until(lambda: "Reload complete" in srv.output(), 15, what=f"the reload:\n{srv.output()[-2000:]}")
+        responses = [read_response(c) for _ in range(3)]
+    finally:
+        c.close()
+    assert [r[0] for r in responses] == [200, 200, 200]
+    assert responses[0][2] == f"slept {old}".encode()
+    assert [r[2] for r in responses[1:]] == [str(old).encode()] * 2, "answered by the retiring worker"
+    assert [r[1].get("connection", "") for r in responses] == ["", "", "close"]
+
+
 def test_unix_sockets_stay_plain_unless_ssl_unix(server_factory, pki, tmp_path):
     port = free_port()
     sock_path = str(tmp_path / "app.sock")
