@@ -200,11 +200,12 @@ void conn_broken(blaze_conn *c)
     event_active(c->ev_timer, EV_TIMEOUT, 0);
 }
 
-/* Graceful stop: a connection between requests is closed now. */
-/* SIGTERM stop: a connection between requests is closed now. */
+/* SIGTERM stop: a connection between requests (or still in its TLS
+ * handshake) is closed now; one whose next request OpenSSL already holds is not. */
 void conn_close_if_idle(blaze_conn *c)
 {
-    if ((c->state == CONN_HEAD && c->len == c->start) || c->state == CONN_HANDSHAKE)
+    int idle = c->state == CONN_HEAD && c->len == c->start && !(c->ssl && tls_has_pending(c));
+    if (idle || c->state == CONN_HANDSHAKE)
         conn_free(c);
 }
 
