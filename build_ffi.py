@@ -20,7 +20,7 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "csrc")
 SOURCES = ["blaze_loop.c", "blaze_conn.c", "blaze_http.c", "blaze_write.c", "blaze_stats.c", "blaze_log.c",
-           "blaze_client.c"]
+           "blaze_client.c", "blaze_tls.c"]
 LIBRARIES = ["event_core", "http_parser", "ssl", "crypto"]
 # Our files are held to -Werror; see also the diagnostics note below.
 CFLAGS = ["-std=gnu11", "-D_GNU_SOURCE", "-O2", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden"]

@@ -587,3 +587,155 @@ def render_markdown(results: list[dict]) -> str:
     ratios = _table(RATIO_HEADER, [_ratio_row(s) for s in summarize(results)])
     runs = _table(RUN_HEADER, [_run_row(r) for r in results])
     return ratios + "\n\n" + runs + "\n"
+
+
+# --------------------------------------------------------------------------
+# HTTPS (test_tls_ratios.py): servers that speak TLS themselves, and TLS
+# terminated by nginx in front of a plain peer.  One self-signed ECDSA P-256
+# certificate (made with `openssl req`) for all of them, and OpenSSL's
+# defaults otherwise (TLS 1.3, AES-256-GCM on this machine).
+
+
+@functools.cache
+def tls_files() -> tuple[Path, Path]:
+    """(certificate, key) in a scratch dir of this session."""
+    import tempfile
+    d = Path(tempfile.mkdtemp(prefix="blaze-bench-tls-"))
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    return d / "cert.pem", d / "key.pem"
+
+
+def _blaze_tls_argv(spec: AppSpec, port: int, workers: int) -> list[str]:
+    """Our server with ssl = true: the TLS settings only exist in a config file."""
+    cert, key = tls_files()
+    cfg = cert.parent / f"blazewsgi-{port}.ini"
+    cfg.write_text(f"[server]\nwsgi_path = {spec.app}\nsockets = {HOST}:{port}\nmin_workers = {workers}\n"
+                   f"ssl = true\nssl_certfile = {cert}\nssl_keyfile = {key}\n")
+    extra = shlex.split(os.environ.get("BLAZE_SERVER_ARGS", ""))
+    return [str(BLAZE_VENV / "bin" / "blazewsgi"), str(cfg), *extra]
+
+
+def _uwsgi_argv(option: str) -> Callable[[AppSpec, int, int], list[str]]:
+    """uWSGI's own TLS.  --https-socket: the workers speak HTTPS themselves, but close the
+    connection after every response (no keep-alive there, --http-keepalive or not: wrk
+    reconnects and counts a read error each time).  --https: uWSGI's router process
+    terminates TLS with keep-alive and forwards each request to the workers."""
+    def argv(spec: AppSpec, port: int, workers: int) -> list[str]:
+        cert, key = tls_files()
+        module, _, attr = spec.app.partition(":")
+        return [str(PEERS_VENV / "bin" / "uwsgi"), option, f"{HOST}:{port},{cert},{key}", "--http-keepalive",
+                "--module", f"{module}:{attr or 'application'}", "--processes", str(workers), "--master",
+                "--disable-logging", "--die-on-term", "--need-app", "--chdir", str(spec.cwd)]
+    return argv
+
+
+_NGINX_CONF = """\
+worker_processes {workers};
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    upstream app {{
+        server {host}:{backend};
+        keepalive 32;
+    }}
+    server {{
+        listen {host}:{port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+        }}
+    }}
+}}
+"""
+
+
+def _nginx_in_front(backend: Callable[[AppSpec, int, int], list[str]]) -> Callable[[AppSpec, int, int], list[str]]:
+    """nginx (from apt, as the current user, its own pid and error log) terminating TLS on port,
+    proxying to `backend` started on another loopback port.  nginx gets as many worker processes
+    as the backend gets workers.  One shell runs both in the server's process group, so the
+    harness measures and stops them together."""
+    def argv(spec: AppSpec, port: int, workers: int) -> list[str]:
+        cert, key = tls_files()
+        backend_port = free_port()
+        d = cert.parent / f"nginx-{port}"
+        d.mkdir()
+        (d / "nginx.conf").write_text(_NGINX_CONF.format(workers=workers, dir=d, host=HOST, port=port,
+                                                         backend=backend_port, cert=cert, key=key))
+        behind = " ".join(shlex.quote(a) for a in backend(spec, backend_port, workers))
+        nginx = f"nginx -p {shlex.quote(str(d))} -c {shlex.quote(str(d / 'nginx.conf'))}"
+        # nginx starts once the backend answers, so the first request through it cannot fail
+        wait = (f"until {shlex.quote(str(PEERS_VENV / 'bin' / 'python'))} -c 'import socket; "
+                f"socket.create_connection((\"{HOST}\", {backend_port}), 1).close()' 2>/dev/null; do sleep 0.05; done")
+        return ["sh", "-c", f"{behind} & {wait}; exec {nginx}"]
+    return argv
+
+
+LAUNCHERS.update({
+    "blazewsgi-tls": Launcher("blazewsgi-tls", BLAZE_VENV / "bin" / "python", _blaze_tls_argv, (), "blazewsgi",
+                              executable=BLAZE_VENV / "bin" / "blazewsgi"),
+    "nginx-tls+gunicorn-sync": Launcher("nginx-tls+gunicorn-sync", PEERS_VENV / "bin" / "python",
+                                        _nginx_in_front(_gunicorn_argv("sync")), ("gunicorn",), "gunicorn",
+                                        executable=Path("/usr/sbin/nginx")),
+    "nginx-tls+bjoern": Launcher("nginx-tls+bjoern", PEERS_VENV / "bin" / "python", _nginx_in_front(_bjoern_argv),
+                                 ("bjoern",), "bjoern", executable=Path("/usr/sbin/nginx")),
+    "uwsgi-https-socket": Launcher("uwsgi-https-socket", PEERS_VENV / "bin" / "python", _uwsgi_argv("--https-socket"),
+                                   (), "uwsgi", executable=PEERS_VENV / "bin" / "uwsgi"),
+    "uwsgi-https-router": Launcher("uwsgi-https-router", PEERS_VENV / "bin" / "python", _uwsgi_argv("--https"),
+                                   (), "uwsgi", executable=PEERS_VENV / "bin" / "uwsgi"),
+})
+
+
+def https_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    import ssl
+    ctx = ssl.create_default_context(cafile=str(tls_files()[0]))
+    conn = http.client.HTTPSConnection("localhost", port, timeout=timeout, context=ctx)
+    conn.sock = ctx.wrap_socket(socket.create_connection((HOST, port), timeout), server_hostname="localhost")
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+class TLSServer(Server):
+    """A server answering HTTPS: wrk and the readiness probe use https:// URLs."""
+
+    @property
+    def url(self) -> str:
+        return f"https://{HOST}:{self.port}{self.spec.path}"
+
+    def wait_ready(self, timeout: float = float(os.environ.get("BLAZE_BENCH_START_TIMEOUT", 30))) -> None:
+        """Server.wait_ready over TLS: poll until a GET succeeds with the expected body."""
+        deadline = time.monotonic() + timeout
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"{self.launcher.name} exited with {self.proc.returncode} before ready\n"
+                                  f"$ {' '.join(self.argv)}\n{self.log_tail()}")
+            try:
+                status, body = https_get(self.port, self.spec.path)
+            except OSError as e:  # refused / reset / TLS not up yet
+                last_error = e
+                time.sleep(0.02)
+                continue
+            if status != 200 or self.spec.expect_body not in body:
+                raise ServerError(f"{self.launcher.name}: GET {self.spec.path} -> {status} {body[:200]!r}\n"
+                                  f"{self.log_tail()}")
+            return
+        raise ServerError(f"{self.launcher.name}: no HTTPS answer within {timeout}s "
+                          f"(last: {type(last_error).__name__}: {last_error})\n{self.log_tail()}")

@@ -16,6 +16,7 @@ PEERS=(
   "bjoern=bjoern"
   "gunicorn=gunicorn"
   "django=django"
+  "uwsgi=uwsgi"        # built from source: needs libssl-dev for --https-socket
 )
 
 SUDO=""
@@ -47,7 +48,8 @@ failed=()
 for entry in "${PEERS[@]}"; do
   name="${entry%%=*}"; req="${entry#*=}"
   # one pip call per peer, so one failing build does not block the others
-  if "$VENV/bin/python" -c "import $name" >/dev/null 2>&1; then
+  # uwsgi is a program (its module only exists inside it): found by its executable
+  if "$VENV/bin/python" -c "import $name" >/dev/null 2>&1 || [ -x "$VENV/bin/$name" ]; then
     echo "== $name: already installed"
   elif "$VENV/bin/pip" install -q "$req"; then
     echo "== $name: installed"
@@ -58,7 +60,7 @@ done
 
 echo
 echo "== peers venv: $VENV"
-"$VENV/bin/pip" list 2>/dev/null | grep -i -E "^(bjoern|gunicorn|django) " || true
+"$VENV/bin/pip" list 2>/dev/null | grep -i -E "^(bjoern|gunicorn|django|uwsgi) " || true
 if [ ${#failed[@]} -gt 0 ]; then
   echo "!! FAILED TO INSTALL: ${failed[*]}  (benchmarks will report them as 'not installed')"
 else

@@ -58,9 +58,6 @@ def main(argv=None):
         print(f"blazewsgi: {cfg.source}: configuration OK")
         return 0
     log = logs.setup(cfg.log_level, cfg.log_dir)
-    for st in SETTINGS:
-        if st.later and cfg.non_default(st.name) and st.name not in ("ssl",):
-            log.warning("%s is set but not used by this version (it arrives with %s)", st.name, st.later)
 
     from .arbiter import INHERIT_ENV, Arbiter
     from .sockets import SocketError, bind_all, from_fds

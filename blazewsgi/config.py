@@ -148,9 +148,9 @@ _socket_list.kind = "list"
 
 class Setting:
     """One setting.  (A plain class: dataclasses would pull inspect & co. into every worker.)"""
-    __slots__ = ("name", "parse", "default", "help", "cli", "example", "is_path", "later", "metavar")
+    __slots__ = ("name", "parse", "default", "help", "cli", "example", "is_path", "metavar")
 
-    def __init__(self, name, parse, default, help, cli=(), example=None, is_path=False, later=None,
+    def __init__(self, name, parse, default, help, cli=(), example=None, is_path=False,
                  metavar=None):
         self.name = name          # the INI key
         self.parse = parse        # str -> value, raises ValueError("what is wrong")
@@ -159,7 +159,6 @@ class Setting:
         self.cli = cli            # command-line flags
         self.example = example    # the value config.ini.example shows (default: the default)
         self.is_path = is_path    # resolved against the config file's directory
-        self.later = later        # the capability that will use it, if not this version
         self.metavar = metavar
 
 
@@ -197,8 +196,9 @@ SETTINGS = [
     Setting("max_workers", _int(1, 512), None,
             "Ceiling for worker scaling; empty means equal to min_workers.",
             cli=("--max-workers",), example="4", metavar="N"),
-    Setting("ssl", _bool, False, "Serve HTTPS with OpenSSL (needs ssl_certfile and ssl_keyfile).",
-            later="TLS support (this version refuses ssl=true rather than serve plain HTTP)"),
+    Setting("ssl", _bool, False,
+            "Serve HTTPS with OpenSSL on every TCP socket (needs ssl_certfile and ssl_keyfile); "
+            "Unix sockets too with ssl_unix."),
     Setting("metrics_port", _int(0, 65535), 0,
             "Port of the master's Prometheus endpoint (/metrics, /, and /healthz) on metrics_bind; "
             "0 turns it off.", cli=("--metrics-port",)),
@@ -266,22 +266,32 @@ SETTINGS = [
             cli=("--log-level",)),
     Setting("access_log", _bool, True,
             "Write a line per request (batched by each worker; to log_dir's daily file, else stderr)."),
-    # --- capabilities of later versions, validated now ---
+    # --- proxies ---
     Setting("metrics_bind", _str, "127.0.0.1", "Address the metrics endpoint binds to."),
     Setting("forwarded_allow_ips", _networks, ["127.0.0.1", "::1"],
             "Proxies (addresses or networks like 10.0.0.0/8; * for any) whose X-Forwarded-For / "
             "X-Real-IP names the client for REMOTE_ADDR, the access log and rate_limit "
             "(Unix socket peers are always trusted)."),
-    Setting("ssl_certfile", _str, None, "PEM certificate chain.", is_path=True, later="TLS support", example=""),
-    Setting("ssl_keyfile", _str, None, "PEM private key.", is_path=True, later="TLS support", example=""),
-    Setting("ssl_password", _str, None, "Password of an encrypted ssl_keyfile.", later="TLS support", example=""),
-    Setting("ssl_ca_certs", _str, None, "CA bundle for client certificates (mutual TLS).", is_path=True,
-            later="TLS support", example=""),
-    Setting("ssl_verify_client", _bool, False, "Require a client certificate signed by ssl_ca_certs.",
-            later="TLS support"),
-    Setting("ssl_ciphers", _str, None, "OpenSSL cipher list for TLS 1.2.", later="TLS support", example=""),
-    Setting("ssl_min_version", _choice("tlsv1.2", "tlsv1.3"), "tlsv1.2", "Oldest TLS version accepted.",
-            later="TLS support"),
+    # --- TLS (README "HTTPS") ---
+    Setting("ssl_certfile", _str, None,
+            "PEM certificate chain: the server's certificate first, then its intermediates. "
+            "A SIGHUP reload loads it anew (renewed certificates).", is_path=True, example=""),
+    Setting("ssl_keyfile", _str, None, "PEM private key of the certificate (may be encrypted: ssl_password).",
+            is_path=True, example=""),
+    Setting("ssl_password", _str, None, "Password of an encrypted ssl_keyfile.", example=""),
+    Setting("ssl_ca_certs", _str, None,
+            "PEM CA bundle for client certificates (mutual TLS): clients are asked for a certificate "
+            "signed by one of them; its subject is in the environ as SSL_CLIENT_S_DN.",
+            is_path=True, example=""),
+    Setting("ssl_verify_client", _bool, False,
+            "Require a client certificate signed by ssl_ca_certs (without it the handshake fails)."),
+    Setting("ssl_ciphers", _str, None,
+            "OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's); empty: OpenSSL's default.",
+            example=""),
+    Setting("ssl_min_version", _choice("tlsv1.2", "tlsv1.3"), "tlsv1.2", "Oldest TLS version accepted."),
+    Setting("ssl_unix", _bool, False,
+            "With ssl = true, Unix sockets speak TLS too; by default they stay plain HTTP "
+            "(for an nginx on the same host that terminates TLS)."),
 ]
 
 BY_NAME = {s.name: s for s in SETTINGS}
@@ -395,12 +405,37 @@ def _check_together(cfg):
     if not os.path.isdir(tmp) or not os.access(tmp, os.W_OK | os.X_OK):
         raise ConfigError(f"{where}: [{SECTION}] tmp_dir: {tmp}: not a writable directory")
     v["tmp_dir"] = tmp
+    _check_tls(where, cfg)
+
+
+def _check_tls(where, cfg):
+    v = cfg._values
     if v["ssl"]:
-        raise ConfigError(f"{where}: [{SECTION}] ssl: TLS is not in this version yet; "
-                          "terminate TLS in nginx and set ssl=false")
+        for key in ("ssl_certfile", "ssl_keyfile"):
+            if not v[key]:
+                raise ConfigError(f"{where}: [{SECTION}] {key}: missing (ssl = true needs "
+                                  "ssl_certfile and ssl_keyfile)")
     for key in ("ssl_certfile", "ssl_keyfile", "ssl_ca_certs"):
-        if v[key] and not os.path.isfile(v[key]):
-            raise ConfigError(f"{where}: [{SECTION}] {key}: {v[key]}: no such file")
+        path = v[key]
+        if not path:
+            continue
+        if not os.path.exists(path):
+            raise ConfigError(f"{where}: [{SECTION}] {key}: {path}: no such file")
+        if not os.path.isfile(path):
+            raise ConfigError(f"{where}: [{SECTION}] {key}: {path}: not a regular file")
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise ConfigError(f"{where}: [{SECTION}] {key}: {path}: cannot read: {e.strerror}") from None
+    if v["ssl_verify_client"] and not v["ssl_ca_certs"]:
+        raise ConfigError(f"{where}: [{SECTION}] ssl_verify_client: needs ssl_ca_certs "
+                          "(the CAs client certificates are checked against)")
+    if v["ssl"]:
+        from . import tls     # the C core builds (and here drops) an SSL_CTX: OpenSSL's own verdict
+        why = tls.check(cfg)
+        if why:
+            raise ConfigError(f"{where}: [{SECTION}] {why}")
 
 
 def _looks_like_file(app):
@@ -416,8 +451,6 @@ def example_ini():
     for st in SETTINGS:
         out.append("")
         text = st.help
-        if st.later:
-            text += f" [Accepted and validated now; takes effect with {st.later}.]"
         line = "# "
         for word in text.split():
             if len(line) + len(word) > 78:
@@ -439,7 +472,7 @@ def markdown_reference():
     rows = ["| key | default | command line | meaning |", "|---|---|---|---|"]
     for st in SETTINGS:
         default = _fmt_default(st) or "(none)"
-        text = st.help + (f" *Accepted and validated now; takes effect with {st.later}.*" if st.later else "")
+        text = st.help
         rows.append(f"| `{st.name}` | `{default}` | {' '.join(f'`{c}`' for c in st.cli)} | "
                     f"{text.replace('|', '/')} |")
     return "\n".join(rows) + "\n"

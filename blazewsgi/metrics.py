@@ -26,11 +26,12 @@ assert len(METHODS) == lib.BLAZE_METHODS and len(LATENCY_LE) == lib.BLAZE_LATENC
 
 class Totals:
     """Worker counters as plain numbers: one slot's, or a sum."""
-    __slots__ = ("requests", "bytes_in", "bytes_out", "parse_errors", "rate_limited", "cells",
-                 "latency", "latency_sum")
+    __slots__ = ("requests", "bytes_in", "bytes_out", "parse_errors", "rate_limited", "tls_handshake_errors",
+                 "cells", "latency", "latency_sum")
 
     def __init__(self):
         self.requests = self.bytes_in = self.bytes_out = self.parse_errors = self.rate_limited = 0
+        self.tls_handshake_errors = 0
         self.cells = [[0] * len(CLASSES) for _ in METHODS]
         self.latency = [0] * len(LATENCY_LE)
         self.latency_sum = 0.0
@@ -41,6 +42,7 @@ class Totals:
         self.bytes_out += s.bytes_out
         self.parse_errors += s.parse_errors
         self.rate_limited += s.rate_limited
+        self.tls_handshake_errors += s.tls_handshake_errors
         for m in range(len(METHODS)):
             row, src = self.cells[m], s.by_method_status[m]
             for k in range(len(CLASSES)):
@@ -50,7 +52,8 @@ class Totals:
         self.latency_sum += s.latency_sum
 
     def add(self, other):
-        for name in ("requests", "bytes_in", "bytes_out", "parse_errors", "rate_limited", "latency_sum"):
+        for name in ("requests", "bytes_in", "bytes_out", "parse_errors", "rate_limited", "tls_handshake_errors",
+                     "latency_sum"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for m in range(len(METHODS)):
             for k in range(len(CLASSES)):
@@ -124,6 +127,9 @@ class Metrics:
                                   value=t.parse_errors)
         yield CounterMetricFamily("blazewsgi_rate_limited", "Requests refused by rate limiting",
                                   value=t.rate_limited)
+        yield CounterMetricFamily("blazewsgi_tls_handshake_errors",
+                                  "TLS handshakes that failed or did not finish within header_timeout",
+                                  value=t.tls_handshake_errors)
         yield GaugeMetricFamily("blazewsgi_connections_open", "Open client connections", value=conns)
         yield GaugeMetricFamily("blazewsgi_requests_in_flight", "Requests handed to the app, not finished",
                                 value=in_flight)

@@ -15,7 +15,7 @@ import signal
 import sys
 import traceback
 
-from . import loader, logs, wsgi
+from . import loader, logs, tls, wsgi
 from ._blaze import ffi, lib
 
 WORKER_BOOT_ERROR = 3
@@ -47,7 +47,7 @@ def _trusted(cfg):
     return arr, len(nets), 0
 
 
-def _limits(cfg, master_pid, slot, max_requests, rate_table=ffi.NULL):
+def _limits(cfg, master_pid, slot, max_requests, rate_table=ffi.NULL, tls_ctx=ffi.NULL):
     tmp = ffi.new("char[]", cfg.tmp_dir.encode())
     trusted, ntrusted, trust_all = _trusted(cfg)
     log_dir = ffi.new("char[]", cfg.log_dir.encode()) if cfg.log_dir else ffi.NULL
@@ -75,6 +75,8 @@ def _limits(cfg, master_pid, slot, max_requests, rate_table=ffi.NULL):
         "trusted": trusted,
         "ntrusted": ntrusted,
         "trust_all": trust_all,
+        "tls": tls_ctx,
+        "log_debug": 1 if cfg.log_level == "debug" else 0,
     })
     # the strings and the array must outlive blaze_loop_new (it copies them)
     return lim, (tmp, log_dir, trusted)
@@ -107,21 +109,33 @@ def run(cfg, listeners, ready_fd, master_pid, slot=ffi.NULL, max_requests=0, rat
             sys.stderr.write(traceback.format_exc())
         log.error("Cannot import the application %r:\n%s", cfg.wsgi_path, traceback.format_exc().rstrip())
         return WORKER_BOOT_ERROR
-    wake_fd = wsgi.setup(app, listeners, multiprocess=cfg.max_workers > 1, threads=cfg.threads)
-    lim, tmp = _limits(cfg, master_pid, slot, max_requests, rate_table)
+    use_tls = [tls.uses_tls(cfg, lst.kind) for lst in listeners]
+    wake_fd = wsgi.setup(app, listeners, multiprocess=cfg.max_workers > 1, threads=cfg.threads,
+                         tls=use_tls)
+    # Our own SSL_CTX, built after fork from the files as they are now (a
+    # reload's workers load a renewed certificate).  It outlives the loop.
+    tls_ctx = ffi.NULL
+    if any(use_tls):
+        tls_ctx, why = tls.new_context(cfg)
+        if tls_ctx == ffi.NULL:
+            log.error("Cannot set up TLS: %s", why)
+            return 1
+    lim, tmp = _limits(cfg, master_pid, slot, max_requests, rate_table, tls_ctx)
     lim.threads = cfg.threads
     lim.wake_fd = wake_fd
     err = ffi.new("char[256]")
     loop = lib.blaze_loop_new(lim, err, 256)
-    if loop == ffi.NULL:
-        log.error("Cannot start the event loop: %s", ffi.string(err).decode())
-        return 1
     try:
-        for lst in listeners:
-            if lib.blaze_loop_listen(loop, lst.fileno(), err, 256) < 0:
+        if loop == ffi.NULL:
+            log.error("Cannot start the event loop: %s", ffi.string(err).decode())
+            return 1
+        for lst, on in zip(listeners, use_tls):
+            if lib.blaze_loop_listen(loop, lst.fileno(), 1 if on else 0, err, 256) < 0:
                 log.error("Cannot listen on %s: %s", lst.name, ffi.string(err).decode())
                 return 1
         os.write(ready_fd, b"%d\n" % os.getpid())
         return lib.blaze_loop_run(loop)
     finally:
         lib.blaze_loop_free(loop)
+        if tls_ctx != ffi.NULL:
+            lib.blaze_tls_free(tls_ctx)

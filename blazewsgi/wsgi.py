@@ -64,9 +64,9 @@ class FileWrapper:
         raise StopIteration
 
 
-def setup(app, listeners, multiprocess, threads=1):
-    """Called once per worker before the loop runs.  Returns the thread pool's
-    wake descriptor for the loop (threads > 1), else -1."""
+def setup(app, listeners, multiprocess, threads=1, tls=None):
+    """Called once per worker before the loop runs; tls[i]: listener i speaks TLS.
+    Returns the thread pool's wake descriptor for the loop (threads > 1), else -1."""
     global _app, _pool
     _app = app
     _pool = None
@@ -74,10 +74,11 @@ def setup(app, listeners, multiprocess, threads=1):
         from .threads import Pool
         _pool = Pool(threads)
     _bases.clear()
-    for lst in listeners:
+    for i, lst in enumerate(listeners):
+        secure = bool(tls and tls[i])
         _bases.append({
             "wsgi.version": (1, 0),
-            "wsgi.url_scheme": "http",
+            "wsgi.url_scheme": "https" if secure else "http",
             "wsgi.errors": sys.stderr,
             "wsgi.multithread": _pool is not None,
             "wsgi.multiprocess": multiprocess,
@@ -96,6 +97,8 @@ def setup(app, listeners, multiprocess, threads=1):
         })
         if lst.kind == "unix":
             _bases[-1]["REMOTE_ADDR"] = ""   # a Unix peer has no address (as gunicorn says it)
+        if secure:
+            _bases[-1]["HTTPS"] = "on"       # the CGI key; SSL_CLIENT_S_DN comes from C with mTLS
     return _pool.wake_fd if _pool is not None else -1
 
 

@@ -21,6 +21,7 @@
 #include <event2/event.h>
 #include <event2/buffer.h>
 #include <http_parser.h>
+#include <openssl/ssl.h>
 
 #include "blaze_cdef.h"
 
@@ -51,6 +52,7 @@ typedef enum { IO_AGAIN, IO_DONE, IO_CLOSE } blaze_io;
 
 /* The named states of a connection (see blaze_conn.c for transitions). */
 typedef enum {
+    CONN_HANDSHAKE, /* TLS: the handshake runs (under the header timer) */
     CONN_HEAD,    /* waiting for or reading a request head */
     CONN_BODY,    /* reading a request body */
     CONN_APP,     /* inside blaze_py_request / blaze_py_resume */
@@ -79,6 +81,7 @@ typedef struct {
     blaze_loop *loop;                         /* borrowed */
     int fd;                                   /* the master's socket: not closed here */
     int index;
+    int tls;                                  /* connections speak TLS (loop->lim.tls) */
     struct event *ev;                         /* owned */
 } blaze_listener;
 
@@ -200,6 +203,13 @@ struct blaze_conn {
     unsigned discard_input : 1;               /* answered before its body: linger, then close */
     unsigned char fwd_ip[16];
     char fwd_addr[48];
+
+    /* TLS (blaze_tls.c); all NULL/0 on a plain connection. */
+    SSL *ssl;                                 /* owned: freed by conn_free */
+    char *tls_dn;                             /* owned: client certificate subject, or NULL */
+    size_t tls_dn_len;
+    unsigned tls_broken : 1;                  /* the session failed: no close_notify */
+    unsigned tls_want_read : 1;               /* the last SSL_write waits for the socket to be readable */
 };
 
 /* blaze_loop.c */
@@ -232,6 +242,8 @@ int client_copy_trusted(blaze_limits *lim, const blaze_limits *from);
 
 /* blaze_log.c */
 int log_init(blaze_loop *loop, char *err, size_t errlen);
+/* A server-log line at DEBUG (only with lim.log_debug), written now, to log_dir's day file or stderr. */
+void log_debug(blaze_loop *loop, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void log_request(blaze_conn *c, int status, const char *reason, size_t reason_len, double took);
 void log_flush(blaze_loop *loop);
 void log_reopen(blaze_loop *loop);
@@ -248,6 +260,7 @@ void stats_response(blaze_loop *loop, int method_index, int status, double took)
 /* Seconds since c's head was complete (0 if it never was): one clock read per response. */
 double stats_took(const blaze_conn *c);
 void stats_parse_error(blaze_loop *loop);
+void stats_tls_handshake_error(blaze_loop *loop);
 void stats_in_flight(blaze_loop *loop, int delta);
 void stats_bytes(blaze_loop *loop, size_t in, size_t out);
 void stats_connections(blaze_loop *loop);
@@ -267,6 +280,8 @@ void conn_want_write(blaze_conn *c);
 /* threads > 1: c's app thread has output (blaze_py_done), or c got room in the pool. */
 void conn_job_ready(blaze_conn *c, int rc);
 void conn_unpark(blaze_conn *c);
+/* Write what c->out holds: bytes written (0: the socket is full), or -1: broken. */
+int conn_write_out(blaze_conn *c);
 
 /* blaze_http.c */
 void http_settings_init(http_parser_settings *s);
@@ -279,6 +294,17 @@ int http_build_environ(blaze_conn *c, blaze_request *req);
 
 extern const unsigned char blaze_tchar[256];
 int blaze_field_char(unsigned char ch);
+
+/* blaze_tls.c: the TLS side of a connection (see the file's comment). */
+int tls_conn_init(blaze_conn *c, blaze_tls *tls);
+void tls_conn_free(blaze_conn *c);
+void tls_shutdown(blaze_conn *c);
+int tls_has_pending(const blaze_conn *c);
+blaze_io tls_handshake(blaze_conn *c, int *want_write);
+void tls_handshake_failed(blaze_conn *c, const char *why);
+ssize_t tls_recv(blaze_conn *c, char *buf, size_t len);
+ssize_t tls_send(blaze_conn *c, const struct iovec *iov, int n);
+int tls_write_out(blaze_conn *c);
 
 /* blaze_write.c */
 void write_update_date(void);

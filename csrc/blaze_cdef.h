@@ -24,6 +24,7 @@ typedef struct {
     unsigned long long bytes_out; /* sent on client connections */
     unsigned long long parse_errors; /* requests the HTTP layer answered with an error */
     unsigned long long rate_limited;
+    unsigned long long tls_handshake_errors; /* TLS handshakes that failed or stalled */
     unsigned long long by_method_status[8][5]; /* [GET HEAD POST PUT DELETE PATCH OPTIONS OTHER][1xx..5xx] */
     unsigned long long latency[15]; /* per bucket, not cumulative: le 0.5ms .. 10s, then +Inf */
     double latency_sum;           /* seconds */
@@ -54,6 +55,25 @@ typedef struct {
     unsigned long long seed;      /* hash key, random per master */
     blaze_rate_entry entries[65536]; /* BLAZE_RATE_SETS * BLAZE_RATE_WAYS */
 } blaze_rate_table;
+/* TLS (csrc/blaze_tls.c): the settings an SSL_CTX is built from.  The
+ * strings are read by blaze_tls_new, not kept. */
+typedef struct blaze_tls blaze_tls;     /* opaque: one SSL_CTX */
+typedef struct {
+    const char *certfile;         /* PEM certificate chain */
+    const char *keyfile;          /* PEM private key */
+    const char *password;         /* of an encrypted keyfile, or NULL */
+    const char *ca_certs;         /* CAs of client certificates (mutual TLS), or NULL */
+    int verify_client;            /* a client certificate is required */
+    const char *ciphers;          /* TLS 1.2 cipher list, or NULL: OpenSSL's default */
+    int min_version;              /* 12: TLS 1.2, 13: TLS 1.3 */
+    const unsigned char *ticket_keys; /* BLAZE_TLS_TICKET_KEYS bytes shared by the workers, or NULL */
+} blaze_tls_config;
+
+enum { BLAZE_TLS_TICKET_KEYS = 80 };
+
+/* NULL on failure, with the setting and the file named in err. */
+blaze_tls *blaze_tls_new(const blaze_tls_config *cfg, char *err, size_t errlen);
+void blaze_tls_free(blaze_tls *tls);
 
 /* Limits and timeouts of one worker's loop; copied by blaze_loop_new. */
 typedef struct {
@@ -82,6 +102,8 @@ typedef struct {
     int trust_all;                /* forwarded_allow_ips = * */
     int threads;                  /* app threads (>1: requests go to the thread pool) */
     int wake_fd;                  /* threads > 1: the eventfd app threads signal (Python owns it) */
+    blaze_tls *tls;               /* for listeners added with tls = 1 (borrowed: freed after the loop), or NULL */
+    int log_debug;                /* log_level is debug: the loop logs failed TLS handshakes */
 } blaze_limits;
 
 /* One parsed request, valid for the duration of blaze_py_request only. */
@@ -111,7 +133,8 @@ enum {
 
 /* Loop: one per worker process. Errors come back as text in err. */
 blaze_loop *blaze_loop_new(const blaze_limits *limits, char *err, size_t errlen);
-int blaze_loop_listen(blaze_loop *loop, int fd, char *err, size_t errlen);
+/* tls: connections accepted on fd speak TLS (needs limits.tls). */
+int blaze_loop_listen(blaze_loop *loop, int fd, int tls, char *err, size_t errlen);
 int blaze_loop_run(blaze_loop *loop);
 void blaze_loop_free(blaze_loop *loop);
 

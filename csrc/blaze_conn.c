@@ -1,6 +1,9 @@
 /* One connection: its states, buffers, keep-alive, timeouts, new/free.
  *
- * Transitions (conn_step is the one place that moves between them):
+ * Transitions (conn_step is the one place that moves between them, and
+ * handshake the one place that leaves HANDSHAKE):
+ *   HANDSHAKE --TLS handshake done--> HEAD  (TLS listeners only)
+ *   HANDSHAKE --failed, or the header timer fired--> closed, counted
  *   HEAD  --head complete, no body-->  APP (blaze_py_request)
  *   HEAD  --head complete, body----->  BODY --body complete--> APP
  *   APP   --DONE-->   DRAIN --output drained--> HEAD (keep-alive) | closed
@@ -15,8 +18,12 @@
  * requests while its responses wait (backpressure), and pipelined
  * requests are answered in order.
  *
- * Timers: HEADER is a deadline for a whole head (slowloris), LINGER a
+ * Timers: HEADER is a deadline for a whole head (slowloris) -- on a TLS
+ * connection for the handshake and the first head together --, LINGER a
  * deadline for the discard phase; KEEPALIVE and IO restart on progress.
+ *
+ * TLS: one branch on c->ssl where bytes meet the socket (on_read,
+ * conn_send, conn_write_out, shut_write); blaze_tls.c does the rest.
  */
 #include "blaze.h"
 
@@ -59,6 +66,12 @@ static void read_on(blaze_conn *c)
 {
     if (!c->reading && event_add(c->ev_read, NULL) == 0)
         c->reading = 1;
+    /* OpenSSL may already hold the bytes (read ahead, or a record larger
+     * than the room left in buf): the socket will not say so, so run the
+     * read callback now.  Not in the handshake, which has used all it can:
+     * a half record there would bring us back here at once, in a loop. */
+    if (c->ssl && c->reading && c->state != CONN_HANDSHAKE && tls_has_pending(c))
+        event_active(c->ev_read, EV_READ, 0);
 }
 
 static void read_off(blaze_conn *c)
@@ -81,6 +94,14 @@ static void write_off(blaze_conn *c)
         event_del(c->ev_write);
         c->writing = 0;
     }
+}
+
+/* Half-close after the last response: TLS says close_notify first. */
+static void shut_write(blaze_conn *c)
+{
+    if (c->ssl)
+        tls_shutdown(c);
+    shutdown(c->fd, SHUT_WR);
 }
 
 blaze_conn *conn_new(blaze_loop *loop, int fd, int listener, const struct sockaddr *sa, int salen)
@@ -109,12 +130,20 @@ blaze_conn *conn_new(blaze_loop *loop, int fd, int listener, const struct sockad
     c->fd = fd;
     c->id = ++loop->next_id;
     c->state = CONN_HEAD;
+    if (loop->listeners[listener].tls) {
+        if (tls_conn_init(c, loop->lim.tls) != BLAZE_OK) {
+            c->fd = -1;              /* the caller closes fd */
+            goto fail;
+        }
+        c->state = CONN_HANDSHAKE;
+    }
     http_request_reset(c);
     read_on(c);
     timer_set(c, TIMER_HEADER);
     loop_conn_opened(loop, c);
     return c;
 fail:
+    if (c->ssl) SSL_free(c->ssl);
     if (c->ev_read) event_free(c->ev_read);
     if (c->ev_write) event_free(c->ev_write);
     if (c->ev_timer) event_free(c->ev_timer);
@@ -149,6 +178,7 @@ void conn_free(blaze_conn *c)
     event_free(c->ev_read);
     event_free(c->ev_write);
     event_free(c->ev_timer);
+    tls_conn_free(c);             /* before the descriptor: close_notify goes out on it */
     if (c->out)
         evbuffer_free(c->out);
     if (c->body_fd >= 0)
@@ -176,11 +206,12 @@ void conn_broken(blaze_conn *c)
     event_active(c->ev_timer, EV_TIMEOUT, 0);
 }
 
-/* Graceful stop: a connection between requests is closed now. */
-/* SIGTERM stop: a connection between requests is closed now. */
+/* SIGTERM stop: a connection between requests (or still in its TLS
+ * handshake) is closed now; one whose next request OpenSSL already holds is not. */
 void conn_close_if_idle(blaze_conn *c)
 {
-    if (c->state == CONN_HEAD && c->len == c->start)
+    int idle = c->state == CONN_HEAD && c->len == c->start && !(c->ssl && tls_has_pending(c));
+    if (idle || c->state == CONN_HANDSHAKE)
         conn_free(c);
 }
 
@@ -195,10 +226,16 @@ int conn_send(blaze_conn *c, const struct iovec *iov, int n)
         return BLAZE_OK;
     if (write_pending(c) == 0) {
         ssize_t w;
-        do {
-            w = n == 1 ? send(c->fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL)
-                       : writev(c->fd, iov, n);
-        } while (w < 0 && errno == EINTR);
+        if (c->ssl) {
+            w = tls_send(c, iov, n);
+            if (w < 0)
+                errno = EPIPE;
+        } else {
+            do {
+                w = n == 1 ? send(c->fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL)
+                           : writev(c->fd, iov, n);
+            } while (w < 0 && errno == EINTR);
+        }
         if (w < 0) {
             if (errno != EAGAIN && errno != EWOULDBLOCK) {
                 conn_broken(c);
@@ -273,7 +310,7 @@ void conn_send_error(blaze_conn *c, int status, const char *why)
     read_on(c);
     timer_set(c, TIMER_LINGER);
     if (write_pending(c) == 0)
-        shutdown(c->fd, SHUT_WR);
+        shut_write(c);
 }
 
 /* The response is complete: drop the request's bytes, keep what follows. */
@@ -512,7 +549,7 @@ static void conn_step(blaze_conn *c)
             if (c->closing) {
                 if (c->len > 0 || c->discard_input) {  /* unread input: linger, don't reset */
                     c->state = CONN_LINGER;
-                    shutdown(c->fd, SHUT_WR);
+                    shut_write(c);
                     read_on(c);
                     timer_set(c, TIMER_LINGER);
                 } else {
@@ -522,6 +559,7 @@ static void conn_step(blaze_conn *c)
             }
             c->state = CONN_HEAD;
             break;
+        case CONN_HANDSHAKE:
         case CONN_APP:
         case CONN_STREAM:
         case CONN_PARKED:
@@ -543,14 +581,43 @@ static void request_left(blaze_conn *c)
     }
 }
 
+/* The TLS handshake made progress (or failed): the one way out of HANDSHAKE. */
+static void handshake(blaze_conn *c)
+{
+    int want_write = 0;
+    switch (tls_handshake(c, &want_write)) {
+    case IO_DONE:
+        write_off(c);
+        c->state = CONN_HEAD;
+        conn_step(c);              /* reads on; a request already decrypted runs at once */
+        return;
+    case IO_AGAIN:
+        if (want_write) {
+            conn_want_write(c);
+        } else {
+            write_off(c);
+            read_on(c);
+        }
+        return;
+    case IO_CLOSE:
+    default:
+        conn_free(c);              /* tls_handshake counted and logged it */
+        return;
+    }
+}
+
 static void on_read(evutil_socket_t fd, short what, void *arg)
 {
     blaze_conn *c = arg;
     (void)what;
     size_t cap = BLAZE_BUF_SIZE(&c->loop->lim);
+    if (c->state == CONN_HANDSHAKE) {
+        handshake(c);
+        return;
+    }
     if (c->state == CONN_LINGER) {
         for (;;) {
-            ssize_t n = recv(fd, c->buf, cap, 0);
+            ssize_t n = c->ssl ? tls_recv(c, c->buf, cap) : recv(fd, c->buf, cap, 0);
             if (n > 0) {
                 stats_bytes(c->loop, (size_t)n, 0);
                 continue;
@@ -586,7 +653,8 @@ static void on_read(evutil_socket_t fd, short what, void *arg)
         conn_send_error(c, 431, "request header section too large");
         return;
     }
-    ssize_t n = recv(fd, c->buf + c->len, cap - c->len, 0);
+    ssize_t n = c->ssl ? tls_recv(c, c->buf + c->len, cap - c->len)
+                       : recv(fd, c->buf + c->len, cap - c->len, 0);
     if (n > 0) {
         stats_bytes(c->loop, (size_t)n, 0);
         c->len += (size_t)n;
@@ -596,18 +664,33 @@ static void on_read(evutil_socket_t fd, short what, void *arg)
     }
 }
 
+int conn_write_out(blaze_conn *c)
+{
+    if (c->ssl)
+        return tls_write_out(c);
+    int n = evbuffer_write(c->out, c->fd);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        return 0;
+    return n;
+}
+
 static void on_write(evutil_socket_t fd, short what, void *arg)
 {
     blaze_conn *c = arg;
+    (void)fd;
     (void)what;
+    if (c->state == CONN_HANDSHAKE) {
+        handshake(c);
+        return;
+    }
     if (write_pending(c) > 0) {
-        int n = evbuffer_write(c->out, fd);
+        int n = conn_write_out(c);
         if (n < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
-                return;
             conn_free(c);
             return;
         }
+        if (n == 0)
+            return;
         stats_bytes(c->loop, 0, (size_t)n);
         if (c->timer != TIMER_LINGER)
             timer_set(c, TIMER_IO);
@@ -628,7 +711,7 @@ static void on_write(evutil_socket_t fd, short what, void *arg)
         conn_step(c);
         break;
     case CONN_LINGER:
-        shutdown(c->fd, SHUT_WR);
+        shut_write(c);
         break;
     case CONN_THREAD:
         timer_set(c, TIMER_NONE);     /* drained; the app thread's time is not io time */
@@ -646,5 +729,7 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
     /* Every timer ends the connection: a head too slow (slowloris), an idle
      * keep-alive, a stalled body or reader, the end of lingering, or a
      * connection already broken (conn_broken). */
+    if (c->state == CONN_HANDSHAKE)
+        tls_handshake_failed(c, "not finished within header_timeout");
     conn_free(c);
 }

@@ -698,7 +698,7 @@ int http_build_environ(blaze_conn *c, blaze_request *req)
     size_t head = c->head_end - c->start;
     /* Keys: at most the head plus "HTTP_" per header and the fixed names.
      * Values: at most the head plus the target twice (PATH_INFO, QUERY_STRING). */
-    size_t half = 2 * head + 6 * (size_t)c->nhdrs + 512;
+    size_t half = 2 * head + 6 * (size_t)c->nhdrs + 512 + c->tls_dn_len;
     if (loop_scratch_reserve(loop, 2 * half) != BLAZE_OK)
         return 500;
     envw w = {loop->scratch, loop->scratch + half};
@@ -758,6 +758,8 @@ int http_build_environ(blaze_conn *c, blaze_request *req)
         if (!c->fwd)    /* a forwarded client's port is not the peer's */
             ENV_PUT_LIT(&w, "REMOTE_PORT", c->remote_port, strlen(c->remote_port));
     }
+    if (c->tls_dn)      /* HTTPS=on and wsgi.url_scheme are in the listener's base environ */
+        ENV_PUT_LIT(&w, "SSL_CLIENT_S_DN", c->tls_dn, c->tls_dn_len);
     if (c->body_kind != BODY_NONE) {
         char num[24];
         int k = snprintf(num, sizeof(num), "%llu", (unsigned long long)c->body_total);

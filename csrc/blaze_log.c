@@ -12,6 +12,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,10 +29,11 @@ int log_init(blaze_loop *loop, char *err, size_t errlen)
     blaze_accesslog *a = &loop->alog;
     a->fd = -1;
     a->enabled = loop->lim.access_log;
-    if (!a->enabled)
-        return BLAZE_OK;
+    /* log_debug writes to log_dir too, with or without access lines */
     if (loop->lim.log_dir && loop->lim.log_dir[0] && (a->dir = strdup(loop->lim.log_dir)) == NULL)
         goto oom;
+    if (!a->enabled)
+        return BLAZE_OK;
     a->cap = LOG_BUF_LINES + BLAZE_BUF_SIZE(&loop->lim) + sizeof(((blaze_conn *)0)->resp_reason) + LOG_LINE_FIXED;
     if ((a->buf = malloc(a->cap)) == NULL)
         goto oom;
@@ -164,6 +166,39 @@ void log_request(blaze_conn *c, int status, const char *reason, size_t reason_le
     *p++ = (char)('0' + us % 10);
     p = put(p, "ms\n", 3);
     a->len = (size_t)(p - a->buf);
+}
+
+/* Server-log lines from C are rare (failed TLS handshakes at debug): each is
+ * formatted like logs.py's and written at once, after any buffered access
+ * lines so the file stays in time order. */
+void log_debug(blaze_loop *loop, const char *fmt, ...)
+{
+    if (!loop->lim.log_debug)
+        return;
+    blaze_accesslog *a = &loop->alog;
+    char line[512];
+    const char *ts = stamp(a, loop->lim.clock_offset);
+    int n = snprintf(line, sizeof(line), "%s [%d] [DEBUG] ", ts, (int)getpid());
+    if (n < 0 || (size_t)n >= sizeof(line))
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    int m = vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);
+    va_end(ap);
+    if (m < 0)
+        return;
+    size_t len = (size_t)n + (size_t)m;
+    if (len > sizeof(line) - 2)
+        len = sizeof(line) - 2;          /* cut: the message was longer than the line */
+    line[len++] = '\n';
+    log_flush(loop);
+    char day[11];
+    memcpy(day, ts + 1, 10);
+    day[10] = '\0';
+    int fd = a->dir ? open_day(a, day) : STDERR_FILENO;
+    if (fd >= 0 && write(fd, line, len) < 0) {
+        /* the log is gone: nothing better to tell */
+    }
 }
 
 void log_free(blaze_loop *loop)

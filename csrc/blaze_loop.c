@@ -438,10 +438,14 @@ fail:
     return NULL;
 }
 
-int blaze_loop_listen(blaze_loop *loop, int fd, char *err, size_t errlen)
+int blaze_loop_listen(blaze_loop *loop, int fd, int tls, char *err, size_t errlen)
 {
     if (loop->nlisteners >= BLAZE_MAX_LISTENERS) {
         snprintf(err, errlen, "too many sockets (at most %d)", BLAZE_MAX_LISTENERS);
+        return BLAZE_ERR;
+    }
+    if (tls && loop->lim.tls == NULL) {
+        snprintf(err, errlen, "fd %d: TLS asked for, but the loop has no TLS context", fd);
         return BLAZE_ERR;
     }
     if (evutil_make_socket_nonblocking(fd) != 0) {   /* else accept() blocks the loop */
@@ -453,6 +457,7 @@ int blaze_loop_listen(blaze_loop *loop, int fd, char *err, size_t errlen)
     l->loop = loop;
     l->fd = fd;
     l->index = i;
+    l->tls = tls != 0;
     l->ev = event_new(loop->base, fd, EV_READ | EV_PERSIST, on_accept, l);
     if (l->ev == NULL || (loop->accepting && event_add(l->ev, NULL) != 0)) {
         snprintf(err, errlen, "cannot watch fd %d", fd);

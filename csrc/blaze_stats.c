@@ -103,6 +103,12 @@ void stats_parse_error(blaze_loop *loop)
         SLOT_ADD(loop->lim.slot, parse_errors, 1);
 }
 
+void stats_tls_handshake_error(blaze_loop *loop)
+{
+    if (loop->lim.slot)
+        SLOT_ADD(loop->lim.slot, tls_handshake_errors, 1);
+}
+
 void stats_in_flight(blaze_loop *loop, int delta)
 {
     if (loop->lim.slot)

@@ -209,8 +209,10 @@ static int frame_head(blaze_conn *c, const char *status, size_t slen, const char
         c->resp_close = 1;        /* HTTP/1.0 and no length: the close ends the body */
     }
     /* Stopping: the last response of a connection says close -- unless more
-     * pipelined requests wait in the buffer; they are answered first. */
-    int stop_here = (loop_stopping(loop) || loop_last_response(loop)) && c->len <= c->scan;
+     * pipelined requests wait in the buffer (or, on TLS, in OpenSSL's); they
+     * are answered first. */
+    int stop_here = (loop_stopping(loop) || loop_last_response(loop)) && c->len <= c->scan &&
+                    !(c->ssl && tls_has_pending(c));
     if (!c->keepalive || c->resp_close || stop_here) {
         c->resp_close = 1;
         if (!c->http10)
@@ -313,7 +315,8 @@ long long blaze_resp_file(blaze_conn *c, int fd, long long offset, long long len
         conn_broken(c);
         return -1;
     }
-    /* evbuffer_add_file takes fd and sends it with sendfile(2). */
+    /* evbuffer_add_file takes fd and sends it with sendfile(2); a TLS
+     * connection encrypts it from the file's mapping instead (blaze_tls.c). */
     if (evbuffer_add_file(c->out, fd, offset, (ev_off_t)allow) != 0) {
         conn_broken(c);
         return -1;
@@ -330,16 +333,16 @@ long long blaze_resp_flush(blaze_conn *c, long long below)
 {
     int ms = (int)(c->loop->lim.io_timeout * 1000.0);
     while (c->state != CONN_DEAD && write_pending(c) > below) {
-        int n = evbuffer_write(c->out, c->fd);
+        int n = conn_write_out(c);
         if (n > 0)
             stats_bytes(c->loop, 0, (size_t)n);
-        if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+        if (n < 0) {
             conn_broken(c);
             return -1;
         }
         if (write_pending(c) <= below)
             break;
-        struct pollfd pfd = {c->fd, POLLOUT, 0};
+        struct pollfd pfd = {c->fd, c->tls_want_read ? POLLIN : POLLOUT, 0};
         int r = poll(&pfd, 1, ms);
         if (r == 0 || (r < 0 && errno != EINTR)) {
             conn_broken(c);   /* the client stopped reading */
