@@ -880,6 +880,8 @@ def server_stats(rs: list[dict]) -> dict[str, dict]:
         for key in ("rps", "cpu_us_per_req", "latency_p50_ms", "latency_p99_ms", "rss_per_worker_kb",
                     "pss_kb_total", "server_cpu_util", "wrk_cpu_util", "other_cpu_util"):
             s[key] = _mean(ok, key)
+        s["other_cpu_max"] = max((r["other_cpu_util"] for r in ok if r.get("other_cpu_util") is not None),
+                                 default=None)
         s["errors"] = sum(r.get("errors", 0) for r in ok)
         s["requests"] = sum(r.get("requests", 0) for r in ok)
         s["status"] = "ok" if ok else (sorted(set(s["problems"]))[0] if s["problems"] else "no data")
@@ -925,6 +927,8 @@ def evaluate_targets(results: list[dict]) -> list[dict]:
             if ran:
                 ref = max(ran, key=lambda s: s["rps"])
                 row.update(reference=ref["server"], ref_value=ref[key], ratio=_ratio(ours.get(key), ref[key]))
+                others = [v for v in (ours.get("other_cpu_max"), ref["other_cpu_max"]) if v is not None]
+                row["other_cpu_max"] = max(others, default=None)
             if row["ratio"] is None:
                 row["verdict"] = "n/a"
             else:
@@ -950,7 +954,10 @@ def case_title(row: dict) -> str:
 
 
 SUMMARY_HEADER = ["case", "server", "status", "req/s", "ours/peer req/s", "µs CPU/req", "ours/peer CPU",
-                  "p50 ms", "p99 ms", "ours/peer p99", "RSS/worker MiB", "ours/peer RSS", "errors"]
+                  "p50 ms", "p99 ms", "ours/peer p99", "RSS/worker MiB", "ours/peer RSS", "errors",
+                  "other CPU (max)"]
+# cores busy with neither the server nor wrk above which a run was disturbed by the shared machine
+DISTURBED = 0.3
 TARGET_HEADER = ["case", "target", "reference", "ours", "reference value", "ratio", "verdict"]
 RUN_HEADER = ["case", "server", "round", "status", "req/s", "p50 ms", "p99 ms", "errors",
               "µs CPU/req", "server CPU", "wrk CPU", "other CPU", "CPU by proc", "peak RSS MiB (sum/max)",
@@ -974,7 +981,7 @@ def _summary_row(s: dict) -> list[str]:
             _fmt(s["cpu_us_per_req"], ".1f"), ratio(s["cpu_ratio"]),
             _fmt(s["latency_p50_ms"], ".2f"), _fmt(s["latency_p99_ms"], ".2f"), ratio(s["p99_ratio"]),
             _fmt(s["rss_per_worker_kb"] and s["rss_per_worker_kb"] / 1024, ".1f"), ratio(s["rss_ratio"]),
-            str(s["errors"]) if s["status"] == "ok" else "—"]
+            str(s["errors"]) if s["status"] == "ok" else "—", _fmt(s["other_cpu_max"], ".2f")]
 
 
 SERVER_HEADER = ["server", "version", "configuration", "status"]
@@ -998,6 +1005,8 @@ def _target_row(t: dict) -> list[str]:
     spec = ".1f" if "CPU" in t["target"] or "RSS" in t["target"] else ".2f" if "p99" in t["target"] else ".0f"
     scale = (lambda v: v / 1024 if v is not None else None) if "RSS" in t["target"] else (lambda v: v)
     verdict = t["verdict"]
+    if (t.get("other_cpu_max") or 0) > DISTURBED:
+        verdict += f", disturbed (other CPU up to {t['other_cpu_max']:.2f})"
     if t["missing"]:
         verdict += " (" + ", ".join(t["missing"]) + ")"
     return [case_title(t), t["target"], t["reference"] or "—", _fmt(scale(t["ours_value"]), spec),
