@@ -78,7 +78,12 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     # every case, "not installed" ones included, for report.py
     output_json["blaze"] = {
         "results": harness.RESULTS,
-        "settings": {"seconds": harness.bench_seconds(), "warmup_seconds": harness.warmup_seconds()},
+        "settings": {"seconds": harness.bench_seconds(), "warmup_seconds": harness.warmup_seconds(),
+                     "rounds": harness.env_int("BLAZE_BENCH_ROUNDS", 2),
+                     # how to reproduce: the BLAZE_* variables and pytest's own arguments
+                     "command": " ".join([*(f"{k}={v}" for k, v in sorted(os.environ.items())
+                                            if k.startswith("BLAZE_")),
+                                          "pytest", *config.invocation_params.args])},
     }
 
 

@@ -3,34 +3,54 @@
 #
 # Idempotent: safe to re-run. Peers go into a venv of their own
 # (benchmarks/.peers-venv) so that they never leak into the project's venv.
-# A peer that fails to install is reported at the end (and the benchmarks
-# report it as "not installed"); the script exits non-zero only if wrk or the
-# venv itself cannot be set up.
+# A peer that fails to install is reported at the end, and pip's last error
+# line is kept in $VENV/install-failed/<name>.txt: the benchmarks show it as
+# "not installed: <reason>" in the tables. The script exits non-zero only if
+# wrk or the venv itself cannot be set up.
+#
+# usage: benchmarks/setup_peers.sh [name ...]   # default: every peer below
+#        benchmarks/setup_peers.sh bjoern django # e.g. the CI smoke pass
 set -u
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="${BLAZE_PEERS_VENV:-$HERE/.peers-venv}"
 PYTHON="${PYTHON:-python3}"
-# name -> pip requirement. Extend this table when adding a peer launcher.
+# name|check|pip requirement. check is "import:<module>" or "bin:<venv script>"
+# (uWSGI's module only imports inside uwsgi). Extend this table when adding a
+# launcher in harness.py (Launcher.dist names the same package).
 PEERS=(
-  "bjoern=bjoern"
-  "gunicorn=gunicorn"
-  "django=django"
-  "uwsgi=uwsgi"        # built from source: needs libssl-dev for --https-socket
+  "bjoern|import:bjoern|bjoern"
+  "gunicorn|import:gunicorn|gunicorn"
+  "gevent|import:gevent|gevent"
+  "uwsgi|bin:uwsgi|uwsgi"
+  # fastwsgi 0.0.9 imports pkg_resources, which setuptools 81 removed
+  "fastwsgi|import:fastwsgi|fastwsgi setuptools<81"
+  # meinheld 1.0.2 pins greenlet<0.5, which does not build on Python >= 3.11
+  "meinheld|import:meinheld|meinheld"
+  "granian|bin:granian|granian"
+  "waitress|import:waitress|waitress"
+  "django|import:django|django"
+  # not a server: report.py draws benchmarks/results.png with this venv's python
+  "matplotlib|import:matplotlib|matplotlib"
 )
 
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
-# --- system packages: wrk (load generator), libev-dev (bjoern's C build) ---
+# --- system packages: wrk (load generator), libev-dev (bjoern's and meinheld's
+# C build), python3-dev + gcc (uWSGI and other source builds), nginx (ceiling
+# and front proxy). nginx must not start a system service: RUNLEVEL=1.
 need_apt=()
 command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
-dpkg -s libev-dev >/dev/null 2>&1 || need_apt+=(libev-dev)
+for pkg in libev-dev python3-dev gcc nginx; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== apt-get install ${need_apt[*]}"
-  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
+    apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 else
-  echo "== wrk and libev-dev already installed"
+  echo "== wrk, libev-dev, python3-dev, gcc, nginx already installed"
 fi
 if ! command -v wrk >/dev/null 2>&1; then
   echo "ERROR: wrk is not installed; no benchmark can run" >&2
@@ -43,26 +63,54 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV" || { echo "ERROR: cannot create $VENV" >&2; exit 1; }
   "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
 fi
+mkdir -p "$VENV/install-failed"
 
+installed() {  # check
+  case "$1" in
+    import:*) "$VENV/bin/python" -c "import ${1#import:}" >/dev/null 2>&1 ;;
+    bin:*) [ -x "$VENV/bin/${1#bin:}" ] ;;
+  esac
+}
+
+wanted=("$@")
 failed=()
 for entry in "${PEERS[@]}"; do
-  name="${entry%%=*}"; req="${entry#*=}"
+  IFS='|' read -r name check req <<<"$entry"
+  if [ ${#wanted[@]} -gt 0 ] && [[ " ${wanted[*]} " != *" $name "* ]]; then
+    continue
+  fi
   # one pip call per peer, so one failing build does not block the others
-  # uwsgi is a program (its module only exists inside it): found by its executable
-  if "$VENV/bin/python" -c "import $name" >/dev/null 2>&1 || [ -x "$VENV/bin/$name" ]; then
+  log="$VENV/install-failed/$name.log"
+  if installed "$check"; then
     echo "== $name: already installed"
-  elif "$VENV/bin/pip" install -q "$req"; then
+    rm -f "$VENV/install-failed/$name.txt" "$log"
+  # shellcheck disable=SC2086  # $req may hold several requirements
+  elif "$VENV/bin/pip" install -q $req >"$log" 2>&1 && installed "$check"; then
     echo "== $name: installed"
+    rm -f "$VENV/install-failed/$name.txt" "$log"
   else
+    # the most telling lines of pip's output: which build failed, its first
+    # compiler error; else pip's own error; else (installed but not
+    # importable) the import's last line
+    reason="$( { grep -m1 -o -E 'Building wheel for [^ ]+' "$log"; grep -m1 -E ': error:' "$log"; } \
+               | sed -E 's/^[[:space:]]+//' | paste -sd '|' - | sed 's/|/ failed: /' | cut -c1-220)"
+    [ -n "$reason" ] || reason="$(grep -m1 -E '^ERROR:' "$log" | cut -c1-220)"
+    if [ -z "$reason" ] && [ "${check%%:*}" = import ]; then
+      reason="installed, but import ${check#import:} fails: $("$VENV/bin/python" -c "import ${check#import:}" 2>&1 | tail -n1 | cut -c1-160)"
+    fi
+    [ -n "$reason" ] || reason="$(grep -v '^WARNING: Location' "$log" | tail -n1 | cut -c1-220)"
+    echo "pip install $req failed: $reason" >"$VENV/install-failed/$name.txt"
+    echo "!! $name: FAILED ($reason; full log: $log)"
     failed+=("$name")
   fi
 done
 
 echo
 echo "== peers venv: $VENV"
-"$VENV/bin/pip" list 2>/dev/null | grep -i -E "^(bjoern|gunicorn|django|uwsgi) " || true
+"$VENV/bin/pip" list 2>/dev/null \
+  | grep -i -E "^(bjoern|gunicorn|gevent|uwsgi|fastwsgi|meinheld|granian|waitress|django|matplotlib) " || true
 if [ ${#failed[@]} -gt 0 ]; then
   echo "!! FAILED TO INSTALL: ${failed[*]}  (benchmarks will report them as 'not installed')"
 else
-  echo "== all peers installed"
+  echo "== all requested peers installed"
 fi
