@@ -242,12 +242,16 @@ from django.db import connection
 from django.http import JsonResponse
 
 
+_seen = {}      # thread name -> the DB-API connection objects it used (kept alive: ids stay unique)
+
+
 def query(request):
     with connection.cursor() as c:
         c.execute("SELECT COUNT(*) FROM django_migrations")
         n = c.fetchone()[0]
-    return JsonResponse({"migrations": n, "thread": threading.current_thread().name,
-                         "conn": id(connection.connection)})
+    me = threading.current_thread().name
+    _seen.setdefault(me, []).append(connection.connection)
+    return JsonResponse({"migrations": n, "thread": me, "conn": id(connection.connection)})
 '''
 DJANGO_URLS = '''
 from django.urls import path
@@ -265,6 +269,7 @@ def test_django_queries_sqlite_from_many_threads(server_factory, tmp_path):
     with open(os.path.join(pkg, "settings.py")) as f:
         settings = f.read()
     settings = settings.replace("ALLOWED_HOSTS = []", "ALLOWED_HOSTS = ['*']")
+    settings += "\nDATABASES['default']['CONN_MAX_AGE'] = 600\n"      # persistent, per thread
     with open(os.path.join(pkg, "settings.py"), "w") as f:
         f.write(settings)
     with open(os.path.join(pkg, "views.py"), "w") as f:
@@ -281,6 +286,12 @@ def test_django_queries_sqlite_from_many_threads(server_factory, tmp_path):
     assert len({d["migrations"] for d in data}) == 1 and data[0]["migrations"] > 5
     threads = {d["thread"] for d in data}
     assert len(threads) > 1, "the queries all ran in one thread"
+    # as under gunicorn gthread: one connection per thread, kept across requests (CONN_MAX_AGE)
+    conns = {}
+    for d in data:
+        conns.setdefault(d["thread"], set()).add(d["conn"])
+    assert all(len(c) == 1 for c in conns.values()), f"a thread reconnected despite CONN_MAX_AGE: {conns}"
+    assert len({c for s in conns.values() for c in s}) == len(threads), "threads shared a connection"
     assert "Error" not in srv.output(), srv.output()[-3000:]
 
 
