@@ -105,6 +105,22 @@ for entry in "${PEERS[@]}"; do
   fi
 done
 
+# --- BlazeWSGI itself, installed as users get it (not editable) ---
+# The project's .venv has an editable install, whose import hook pulls
+# pathlib, urllib and friends into every worker (~1.5 MiB of RSS that a
+# wheel install does not have). Reinstalled on every run: it tracks the tree.
+BLAZE_VENV_DIR="${BLAZE_VENV:-$HERE/.blaze-venv}"
+if [ ! -x "$BLAZE_VENV_DIR/bin/python" ]; then
+  "$PYTHON" -m venv "$BLAZE_VENV_DIR" && "$BLAZE_VENV_DIR/bin/pip" install -q --upgrade pip 'setuptools>=77' wheel cffi
+fi
+if "$BLAZE_VENV_DIR/bin/pip" install -q --force-reinstall --no-deps "$HERE/.." >"$BLAZE_VENV_DIR/install.log" 2>&1 \
+   && "$BLAZE_VENV_DIR/bin/pip" install -q "$HERE/.." >>"$BLAZE_VENV_DIR/install.log" 2>&1; then
+  echo "== blazewsgi: installed (non-editable) into $BLAZE_VENV_DIR"
+else
+  echo "!! blazewsgi: install into $BLAZE_VENV_DIR FAILED (see $BLAZE_VENV_DIR/install.log)"
+  failed+=("blazewsgi")
+fi
+
 echo
 echo "== peers venv: $VENV"
 "$VENV/bin/pip" list 2>/dev/null \
