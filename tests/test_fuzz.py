@@ -111,8 +111,10 @@ def test_fuzz_requests(server_factory, cases):
     statuses = collections.Counter()
     for case, out, _ in results:
         statuses.update(r[0] for r in parse_responses(out.data, b"HEAD " in case.data)[0])
-    for code in (200, 400, 413, 414, 431, 501, 505, 100):
+    for code in (200, 400, 413, 414, 431, 501, 505):
         assert statuses[code] >= 3, statuses
+    # (100 Continue is only sent while the body has not arrived: a matter of timing here,
+    # so its count is not required; test_http11.py covers it deterministically)
     # left open after sending, closed by the server's own timers (header, io, keep-alive)
     timed_out = [out for case, out, _ in results
                  if not case.half_close and case.abort is None and out.elapsed >= 0.9]
