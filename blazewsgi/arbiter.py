@@ -442,7 +442,8 @@ class Arbiter:
             os.close(self.ready_r)
             self.metrics.close_in_child()
             code = worker.run(self.cfg, self.listeners, self.ready_w, self.pid,
-                              ffi.addressof(self.slots, slot), max_requests, self.rate_table)
+                              ffi.addressof(self.slots, slot), max_requests, self.rate_table,
+                              (self.slots, self.nslots))
         except BaseException:
             traceback.print_exc()
         finally:

@@ -91,7 +91,8 @@ def _log_fd():
     return sys.stderr.fileno()
 
 
-def run(cfg, listeners, ready_fd, master_pid, slot=ffi.NULL, max_requests=0, rate_table=ffi.NULL):
+def run(cfg, listeners, ready_fd, master_pid, slot=ffi.NULL, max_requests=0, rate_table=ffi.NULL,
+        all_slots=(ffi.NULL, 0)):
     """Serve until stopped; returns the process exit code."""
     signal.set_wakeup_fd(-1)
     for sig in MASTER_SIGNALS:
@@ -123,6 +124,7 @@ def run(cfg, listeners, ready_fd, master_pid, slot=ffi.NULL, max_requests=0, rat
     lim, tmp = _limits(cfg, master_pid, slot, max_requests, rate_table, tls_ctx)
     lim.threads = cfg.threads
     lim.wake_fd = wake_fd
+    lim.slots, lim.nslots = all_slots       # read by the loop to balance accepts across workers
     err = ffi.new("char[256]")
     loop = lib.blaze_loop_new(lim, err, 256)
     try:

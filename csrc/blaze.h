@@ -104,6 +104,7 @@ struct blaze_loop {
     int nlisteners;
     struct event *accept_pause;               /* owned: re-enables accepting after EMFILE */
     int accepting;                            /* listeners enabled */
+    int accept_deferred;                      /* the last accept was left to a less loaded worker */
     struct event *sig_event, *tick, *grace;   /* owned */
     const struct timeval *tv_header, *tv_keepalive, *tv_io, *tv_linger; /* common timeouts */
     blaze_conn *conns;                        /* live connections (owned, via conn_free) */

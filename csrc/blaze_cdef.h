@@ -28,6 +28,7 @@ typedef struct {
     unsigned long long by_method_status[8][5]; /* [GET HEAD POST PUT DELETE PATCH OPTIONS OTHER][1xx..5xx] */
     unsigned long long latency[15]; /* per bucket, not cumulative: le 0.5ms .. 10s, then +Inf */
     double latency_sum;           /* seconds */
+    unsigned long long accepting; /* 1: the loop takes new connections now (for balancing) */
 } blaze_slot;
 
 enum { BLAZE_METHODS = 8, BLAZE_LATENCY_BUCKETS = 15 };
@@ -92,6 +93,8 @@ typedef struct {
     int parent_pid;               /* the master: the loop stops gracefully when it is gone */
     long long max_requests;       /* stop gracefully after this many responses; 0: never */
     blaze_slot *slot;             /* this worker's shared-memory slot, or NULL */
+    blaze_slot *slots;            /* every worker's slot (read only: accept balancing), or NULL */
+    int nslots;
     int access_log;               /* write access lines */
     const char *log_dir;          /* daily files there (copied), or NULL: stderr */
     long long clock_offset;       /* seconds added to the log's clock (tests of midnight) */

@@ -31,7 +31,7 @@ static int may_accept(const blaze_loop *loop)
     return !loop->stopping && loop->nconns < loop->lim.max_connections && loop->parked == NULL;
 }
 
-static void set_accepting(blaze_loop *loop, int on)
+static void listen_events(blaze_loop *loop, int on)
 {
     if (loop->accepting == on)
         return;
@@ -42,6 +42,42 @@ static void set_accepting(blaze_loop *loop, int on)
             event_del(loop->listeners[i].ev);
     }
     loop->accepting = on;
+}
+
+/* The slot says whether we take connections; a 1 ms deference to a less
+ * loaded worker (on_accept) leaves it set: we are back in a moment. */
+static void set_accepting(blaze_loop *loop, int on)
+{
+    listen_events(loop, on);
+    if (loop->lim.slot)
+        __atomic_store_n(&loop->lim.slot->accepting, (unsigned long long)on, __ATOMIC_RELAXED);
+}
+
+/* Does another live worker, accepting too, hold fewer connections than we do
+ * (by more than one)?  Then a new connection is better left to it: on a small
+ * machine a worker that is not scheduled during a burst of connects (wrk's
+ * 64, a proxy's pool) would otherwise get none of them, and keep-alive keeps
+ * the imbalance for good.  nginx balances with its accept_disabled the same
+ * way.  The slots are other workers' (read only, relaxed). */
+static int others_less_loaded(const blaze_loop *loop)
+{
+    const blaze_slot *mine = loop->lim.slot;
+    if (mine == NULL || loop->lim.slots == NULL || loop->nconns < 2)
+        return 0;
+    double now = stats_now();
+    for (int i = 0; i < loop->lim.nslots; i++) {
+        const blaze_slot *s = &loop->lim.slots[i];
+        if (s == mine || __atomic_load_n(&s->pid, __ATOMIC_RELAXED) == 0 ||
+            !__atomic_load_n(&s->accepting, __ATOMIC_RELAXED))
+            continue;
+        double beat;
+        __atomic_load(&s->heartbeat, &beat, __ATOMIC_RELAXED);
+        if (now - beat > 3.0)
+            continue;         /* stuck or gone: not a candidate */
+        if (__atomic_load_n(&s->connections, __ATOMIC_RELAXED) + 1 < (unsigned long long)loop->nconns)
+            return 1;
+    }
+    return 0;
 }
 
 /* One accept per readiness event.  Every worker polls the same listening
@@ -55,6 +91,14 @@ static void on_accept(evutil_socket_t fd, short what, void *arg)
     struct sockaddr_storage ss;
     socklen_t sl = sizeof(ss);
     (void)what;
+    if (!loop->accept_deferred && others_less_loaded(loop)) {
+        loop->accept_deferred = 1;
+        listen_events(loop, 0);
+        struct timeval tv = {0, 1000};
+        event_add(loop->accept_pause, &tv);
+        return;
+    }
+    loop->accept_deferred = 0;
     int cfd = accept4(fd, (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (cfd < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR || errno == ECONNABORTED)
@@ -431,6 +475,8 @@ blaze_loop *blaze_loop_new(const blaze_limits *limits, char *err, size_t errlen)
     /* http-parser's own cap (80 KiB by default) must not undercut ours. */
     http_parser_set_max_header_size((uint32_t)BLAZE_BUF_SIZE(limits));
     loop->accepting = 1;
+    if (loop->lim.slot)
+        __atomic_store_n(&loop->lim.slot->accepting, 1ULL, __ATOMIC_RELAXED);
     write_update_date();
     return loop;
 fail:
