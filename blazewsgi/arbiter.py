@@ -443,7 +443,9 @@ class Arbiter:
             self.metrics.close_in_child()
             code = worker.run(self.cfg, self.listeners, self.ready_w, self.pid,
                               ffi.addressof(self.slots, slot), max_requests, self.rate_table,
-                              (self.slots, self.nslots))
+                              # slots are taken lowest first: two generations of
+                              # max_workers cover the live ones, and an accept scans no more
+                              (self.slots, min(self.nslots, 2 * self.cfg.max_workers)))
         except BaseException:
             traceback.print_exc()
         finally:

@@ -45,7 +45,7 @@ _MATERIALIZED = (type(iter([])), type(iter(())))
 
 def _check(chunk):
     if type(chunk) is not bytes:
-        raise TypeError(f"the application yielded {type(chunk).__name__}, not bytes")
+        wsgi._not_bytes(chunk)
     return chunk
 
 
@@ -280,9 +280,7 @@ class Pool:
                                 job.size += len(data)
                         it = ()
                     for chunk in it:
-                        if type(chunk) is not bytes:
-                            raise TypeError(f"the application yielded {type(chunk).__name__}, not bytes")
-                        if chunk:
+                        if _check(chunk):
                             self.produce(job, chunk)
             except _Gone:
                 r.close()

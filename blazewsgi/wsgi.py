@@ -186,7 +186,7 @@ class _Response:
         conn = self.conn
         for chunk in self.it:
             if type(chunk) is not bytes:
-                raise TypeError(f"the application yielded {type(chunk).__name__}, not bytes")
+                _not_bytes(chunk)
             if not chunk:
                 continue
             if not self.sent:
@@ -245,14 +245,18 @@ def _run_general(r, result):
     return r.pump()
 
 
+def _not_bytes(chunk):
+    raise TypeError(f"the application yielded {type(chunk).__name__}, not bytes")
+
+
 def _send_simple(r, conn, body):
     """A one-item list of bytes: status, headers and body in one write."""
     if r.status is None:
         raise AssertionError("the application returned without calling start_response()")
     st = r.status.encode("latin-1")
     hb = _header_block(r.headers)
-    if lib.blaze_resp_simple(conn, st, len(st), hb, len(hb), len(r.headers), body, len(body),
-                             _errbuf, 256) != 0:
+    if _resp_simple(conn, st, len(st), hb, len(hb), len(r.headers), body, len(body),
+                    _errbuf, 256) != 0:
         if _c_error() == "client disconnected":
             raise ClientGone("client disconnected")
         raise ValueError(f"invalid response from the application: {_c_error()}")
@@ -310,15 +314,7 @@ def blaze_py_request(conn, keyset, values, values_len, listener, req):
         if type(result) is list and len(result) == 1 and r.status is not None and not r.sent:
             body = result[0]
             if type(body) is bytes:
-                st = r.status.encode("latin-1")
-                headers = r.headers
-                hb = "\0".join(map("\0".join, headers)).encode("latin-1")
-                if _resp_simple(conn, st, len(st), hb, len(hb), len(headers), body, len(body),
-                                _errbuf, 256) != 0:
-                    if _c_error() == "client disconnected":
-                        raise ClientGone("client disconnected")
-                    raise ValueError(f"invalid response from the application: {_c_error()}")
-                rc = DONE
+                rc = _send_simple(r, conn, body)
             else:
                 rc = _run_general(r, result)
         else:

@@ -105,6 +105,7 @@ struct blaze_loop {
     struct event *accept_pause;               /* owned: re-enables accepting after EMFILE */
     int accepting;                            /* listeners enabled */
     int accept_deferred;                      /* the last accept was left to a less loaded worker */
+    uint64_t rate_period, rate_tolerance;     /* GCRA constants of lim.rate_limit, ns (stats_rate_init) */
     struct event *sig_event, *tick, *grace;   /* owned */
     const struct timeval *tv_header, *tv_keepalive, *tv_io, *tv_linger; /* common timeouts */
     blaze_conn *conns;                        /* live connections (owned, via conn_free) */
@@ -239,6 +240,8 @@ void client_resolve(blaze_conn *c);
 const char *client_addr(const blaze_conn *c);
 /* The client's address, 16 bytes, or NULL as above. */
 const unsigned char *client_ip(const blaze_conn *c);
+/* Is this 16-byte address an IPv4 one (::ffff:a.b.c.d)? */
+int client_is_v4(const unsigned char ip[16]);
 int client_copy_trusted(blaze_limits *lim, const blaze_limits *from);
 
 /* blaze_log.c */
@@ -268,6 +271,7 @@ void stats_connections(blaze_loop *loop);
 /* GCRA for one client: BLAZE_OK if the request may go on, else BLAZE_ERR
  * with the seconds until it may in *retry_after (and the refusal counted). */
 int stats_rate_take(blaze_loop *loop, const unsigned char ip[16], double *retry_after);
+void stats_rate_init(blaze_loop *loop);
 
 /* blaze_conn.c */
 blaze_conn *conn_new(blaze_loop *loop, int fd, int listener, const struct sockaddr *sa, int salen);

@@ -23,6 +23,11 @@
 
 static const unsigned char v4_mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
 
+int client_is_v4(const unsigned char ip[16])
+{
+    return memcmp(ip, v4_mapped, 12) == 0;
+}
+
 static int is_trusted(const blaze_limits *lim, const unsigned char ip[16])
 {
     if (lim->trust_all)
@@ -44,7 +49,7 @@ static int is_trusted(const blaze_limits *lim, const unsigned char ip[16])
 /* The text form: IPv4 (also when mapped into IPv6) as a.b.c.d. */
 static void ip_text(const unsigned char ip[16], char *out, size_t len)
 {
-    if (memcmp(ip, v4_mapped, 12) == 0)
+    if (client_is_v4(ip))
         inet_ntop(AF_INET, ip + 12, out, (socklen_t)len);
     else
         inet_ntop(AF_INET6, ip, out, (socklen_t)len);

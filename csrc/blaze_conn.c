@@ -465,12 +465,23 @@ void conn_job_ready(blaze_conn *c, int rc)
         conn_step(c);
 }
 
+/* For a connection whose input waits unread (PARKED, THREAD): 1 if the
+ * client closed or reset it, 0 if bytes wait, -1 if nothing has arrived. */
+static int peer_closed(blaze_conn *c)
+{
+    char byte;
+    ssize_t n = recv(c->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n > 0)
+        return 0;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        return -1;
+    return 1;
+}
+
 void conn_unpark(blaze_conn *c)
 {
     /* Its client may have left while it waited unread: then the app is not called. */
-    char byte;
-    ssize_t n = recv(c->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
-    if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+    if (peer_closed(c) == 1) {
         conn_free(c);
         return;
     }
@@ -631,11 +642,10 @@ static void on_read(evutil_socket_t fd, short what, void *arg)
     if (c->state == CONN_THREAD) {
         /* The request is with an app thread: only a close matters now.  Bytes
          * of a pipelined request stay in the socket until this one is done. */
-        char byte;
-        ssize_t n = recv(fd, &byte, 1, MSG_PEEK);
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        int closed = peer_closed(c);
+        if (closed < 0)
             return;
-        if (n > 0 || c->resp_started) {
+        if (!closed || c->resp_started) {
             /* Pipelined bytes; or a client that left once the response began
              * (it may have it all): the response ends as usual, and a write
              * that fails then closes the connection. */

@@ -429,6 +429,7 @@ blaze_loop *blaze_loop_new(const blaze_limits *limits, char *err, size_t errlen)
         snprintf(err, errlen, "rate_limit needs the shared rate table");
         goto fail;
     }
+    stats_rate_init(loop);
     loop->lim.tmp_dir = strdup(limits->tmp_dir ? limits->tmp_dir : "/tmp");
     loop->base = event_base_new();
     if (loop->lim.tmp_dir == NULL || loop->base == NULL) {

@@ -204,18 +204,29 @@ static blaze_rate_entry *rate_entry(blaze_rate_table *t, uint64_t key)
     return NULL;
 }
 
+/* GCRA's two constants for rate_limit: the emission interval T = 60 s / limit
+ * and the burst tolerance (limit - 1) T, in nanoseconds.  Once per loop. */
+void stats_rate_init(blaze_loop *loop)
+{
+    long long limit = loop->lim.rate_limit;
+    if (limit <= 0)
+        return;
+    loop->rate_period = 60000000000ULL / (uint64_t)limit;
+    if (loop->rate_period == 0)
+        loop->rate_period = 1;
+    loop->rate_tolerance = loop->rate_period * (uint64_t)(limit - 1);
+}
+
 int stats_rate_take(blaze_loop *loop, const unsigned char ip[16], double *retry_after)
 {
     blaze_rate_table *t = loop->lim.rate_table;
-    long long limit = loop->lim.rate_limit;
-    if (t == NULL || limit <= 0)
+    if (t == NULL || loop->lim.rate_limit <= 0)
         return BLAZE_OK;
     /* An IPv6 client is its /64: one host is usually given a whole /64, and
      * must not get a fresh budget for each address in it. */
-    static const unsigned char v4_mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
     uint64_t a, b = 0;
     memcpy(&a, ip, 8);
-    if (memcmp(ip, v4_mapped, 12) == 0)
+    if (client_is_v4(ip))
         memcpy(&b, ip + 8, 8);
     uint64_t key = mix64(mix64(a ^ t->seed) ^ b ^ (t->seed >> 17 | t->seed << 47));
     if (key == 0)
@@ -223,10 +234,7 @@ int stats_rate_take(blaze_loop *loop, const unsigned char ip[16], double *retry_
     blaze_rate_entry *e = rate_entry(t, key);
     if (e == NULL)
         return BLAZE_OK;      /* the set is contended right now: let the request through */
-    uint64_t period = 60000000000ULL / (uint64_t)limit;
-    if (period == 0)
-        period = 1;
-    uint64_t tolerance = period * (uint64_t)(limit - 1);
+    uint64_t period = loop->rate_period, tolerance = loop->rate_tolerance;
     uint64_t now = now_ns();
     unsigned long long tat = __atomic_load_n(&e->tat, __ATOMIC_ACQUIRE);
     for (;;) {

@@ -290,7 +290,10 @@ long long blaze_resp_write(blaze_conn *c, const char *data, size_t len)
     }
     if (n > 0 && conn_send(c, iov, n) != BLAZE_OK)
         return -1;
-    stats_busy(c->loop);      /* sending is progress: a streaming app is not hung */
+    /* Sending is progress: a streaming app is not hung.  (With threads the
+     * clock is per request, t_job, restarted when the batch is handed back.) */
+    if (!c->job)
+        stats_busy(c->loop);
     return write_pending(c);
 }
 

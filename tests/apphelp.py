@@ -16,6 +16,15 @@ def slow_with_mark(environ):
     time.sleep(float(q.get("s", ["2"])[0]))
 
 
+def read_mark(path):
+    """The pid slow_with_mark wrote, or None while there is none."""
+    try:
+        with open(path) as f:
+            return int(f.read())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def drain_input(environ, h=None):
     """Read wsgi.input to the end in 64 KiB pieces (feeding hash h); returns the length."""
     n = 0

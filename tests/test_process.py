@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from apphelp import read_mark
 from conftest import request, wait_until
 
 APP = "apps_process:pid_app"
@@ -60,14 +61,6 @@ class SlowRequest(threading.Thread):
             self.error = e
         finally:
             self.sock.close()
-
-
-def read_mark(path):
-    try:
-        with open(path) as f:
-            return int(f.read())
-    except (FileNotFoundError, ValueError):
-        return None
 
 
 # ---------------------------------------------------------------- an app that cannot be imported

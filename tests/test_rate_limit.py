@@ -35,6 +35,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from apphelp import read_mark
 from apps_log import ACCESS
 from conftest import free_port, http_probe, read_response, request, start_nginx, stop_nginx, wait_until
 
@@ -195,7 +196,7 @@ class Hold:
         self.release_path = os.path.join(str(tmp_path), f"release-{name}")
         self.sock = connect(srv.port, "127.0.0.1", timeout=20)
         self.sock.sendall(req("GET", f"/hold?mark={self.mark}&release={self.release_path}", close=True))
-        self.pid = wait_until(lambda: _read_int(self.mark), 10, what=f"/hold {name} to reach the app")
+        self.pid = wait_until(lambda: read_mark(self.mark), 10, what=f"/hold {name} to reach the app")
         self.released = False
 
     def release(self):
@@ -205,14 +206,6 @@ class Hold:
             status, _, _ = read_response(self.sock)
             self.sock.close()
             assert status == 200
-
-
-def _read_int(path):
-    try:
-        with open(path) as f:
-            return int(f.read())
-    except (FileNotFoundError, ValueError):
-        return None
 
 
 def burst(port, src, fresh, keepalive=()):

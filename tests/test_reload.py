@@ -24,6 +24,7 @@ import time
 
 import pytest
 
+from apphelp import read_mark
 from apps_reload import BROKEN, VERSIONED, Load, alive, children, read_pid
 from conftest import free_port, request, wait_until
 
@@ -86,14 +87,6 @@ def wait_workers(srv, n, timeout=15, exclude=()):
 def assert_clean_log(out):
     assert "Traceback" not in out, out
     assert not re.search(r"Worker \d+ (was killed|exited with code)", out), out
-
-
-def read_mark(path):
-    try:
-        with open(path) as f:
-            return int(f.read())
-    except (FileNotFoundError, ValueError):
-        return None
 
 
 class Raw(threading.Thread):

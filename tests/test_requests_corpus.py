@@ -200,17 +200,22 @@ def test_valid_cases_pipelined(corpus_server):
     assert len(cases) >= 25
     with corpus_server.connect() as sock:
         sock.settimeout(10)
-        sock.sendall(b"".join(c.data for c in cases) +
-                     b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        for case in cases:
-            status, _, body = read_final_response(sock)
-            assert status == 200, f"{case.name} (pipelined): got {status}: {body[:300]!r}"
-            env = json.loads(body)
-            for key, want in case.environ.items():
-                assert env.get(key) == want, f"{case.name} (pipelined): {key}: expected {want!r}, got {env.get(key)!r}"
-        status, _, body = read_response(sock)
-        assert status == 200 and json.loads(body)["PATH_INFO"] == "/last"
-        assert_closed(sock)
+        check_pipelined(sock, cases)
+
+
+def check_pipelined(sock, cases):
+    """Send cases back to back, then a closing request: each answered 200 in order, environ right."""
+    sock.sendall(b"".join(c.data for c in cases) +
+                 b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    for case in cases:
+        status, _, body = read_final_response(sock)
+        assert status == 200, f"{case.name} (pipelined): got {status}: {body[:300]!r}"
+        env = json.loads(body)
+        for key, want in case.environ.items():
+            assert env.get(key) == want, f"{case.name} (pipelined): {key}: expected {want!r}, got {env.get(key)!r}"
+    status, _, body = read_response(sock)
+    assert status == 200 and json.loads(body)["PATH_INFO"] == "/last"
+    assert_closed(sock)
 
 
 def test_decode_request():

@@ -28,7 +28,7 @@ from apps_wsgi import pattern_sha256
 from conftest import Server, free_port, read_response, wait_until
 from test_config import assert_one_line_error, run, workdir, write_config  # noqa: F401 (fixture)
 from test_metrics import metrics_server, scrape, wait_scrape
-from test_requests_corpus import CASES, assert_closed, read_final_response, send_all
+from test_requests_corpus import CASES, assert_closed, check_pipelined, read_final_response, send_all
 
 HANDSHAKE_ERRORS = "blazewsgi_tls_handshake_errors_total"
 CLIENT_DN = "CN=client one,O=Blaze Test,C=DE"
@@ -784,14 +784,4 @@ def test_corpus_over_tls(tls_corpus_server, pki, case, trickle):
 def test_corpus_pipelined_over_tls(tls_corpus_server, pki):
     cases = [c for c in CASES if c.valid and c.keeps_alive()]
     with tls_connect(tls_corpus_server.port, pki.client_context()) as sock:
-        sock.sendall(b"".join(c.data for c in cases) +
-                     b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        for case in cases:
-            status, _, body = read_final_response(sock)
-            assert status == 200, f"{case.name} (pipelined): got {status}: {body[:300]!r}"
-            env = json.loads(body)
-            for key, want in case.environ.items():
-                assert env.get(key) == want, f"{case.name} (pipelined): {key}"
-        status, _, body = read_response(sock)
-        assert status == 200 and json.loads(body)["PATH_INFO"] == "/last"
-        assert_closed(sock)
+        check_pipelined(sock, cases)
