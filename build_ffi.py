@@ -20,8 +20,8 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "csrc")
 SOURCES = ["blaze_loop.c", "blaze_conn.c", "blaze_http.c", "blaze_write.c", "blaze_stats.c", "blaze_log.c",
-           "blaze_client.c", "blaze_tls.c"]
-LIBRARIES = ["event_core", "http_parser", "ssl", "crypto"]
+           "blaze_client.c", "blaze_tls.c", "blaze_pool.c"]
+LIBRARIES = ["event_core", "http_parser", "ssl", "crypto", "pthread"]
 # Our files are held to -Werror; see also the diagnostics note below.
 CFLAGS = ["-std=gnu11", "-D_GNU_SOURCE", "-O2", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden"]
 
@@ -33,14 +33,14 @@ DEPENDENCIES = [
 ]
 
 # Calls from C into Python: one per request (blaze_py_request), plus the
-# resumption of a suspended streaming response and its abort.
+# resumption of a suspended streaming response and its abort.  With
+# threads > 1 the loop calls none of them: app threads call blaze_pool_next.
 EXTERN_PYTHON = """
 extern "Python+C" {
     int blaze_py_request(blaze_conn *c, int keyset, const char *values, size_t values_len,
                          int listener, const blaze_request *req);
     int blaze_py_resume(blaze_conn *c, unsigned long long conn_id);
     void blaze_py_abort(unsigned long long conn_id);
-    int blaze_py_done(blaze_conn **conns, int *rcs, int max);
 }
 """
 

@@ -15,7 +15,7 @@ import signal
 import sys
 import traceback
 
-from . import loader, logs, tls, wsgi
+from . import loader, logs, threads, tls, wsgi
 from ._blaze import ffi, lib
 
 WORKER_BOOT_ERROR = 3
@@ -111,7 +111,7 @@ def run(cfg, listeners, ready_fd, master_pid, slot=ffi.NULL, max_requests=0, rat
         log.error("Cannot import the application %r:\n%s", cfg.wsgi_path, traceback.format_exc().rstrip())
         return WORKER_BOOT_ERROR
     use_tls = [tls.uses_tls(cfg, lst.kind) for lst in listeners]
-    wake_fd = wsgi.setup(app, listeners, multiprocess=cfg.max_workers > 1, threads=cfg.threads,
+    wsgi.setup(app, listeners, multiprocess=cfg.max_workers > 1, threads=cfg.threads,
                          tls=use_tls)
     # Our own SSL_CTX, built after fork from the files as they are now (a
     # reload's workers load a renewed certificate).  It outlives the loop.
@@ -123,7 +123,6 @@ def run(cfg, listeners, ready_fd, master_pid, slot=ffi.NULL, max_requests=0, rat
             return 1
     lim, tmp = _limits(cfg, master_pid, slot, max_requests, rate_table, tls_ctx)
     lim.threads = cfg.threads
-    lim.wake_fd = wake_fd
     lim.slots, lim.nslots = all_slots       # read by the loop to balance accepts across workers
     err = ffi.new("char[256]")
     loop = lib.blaze_loop_new(lim, err, 256)
@@ -135,6 +134,8 @@ def run(cfg, listeners, ready_fd, master_pid, slot=ffi.NULL, max_requests=0, rat
             if lib.blaze_loop_listen(loop, lst.fileno(), 1 if on else 0, err, 256) < 0:
                 log.error("Cannot listen on %s: %s", lst.name, ffi.string(err).decode())
                 return 1
+        if cfg.threads > 1:
+            threads.start(loop, cfg.threads)
         os.write(ready_fd, b"%d\n" % os.getpid())
         return lib.blaze_loop_run(loop)
     finally:

@@ -17,6 +17,10 @@ Responses:
     never holds the worker and memory stays bounded.
 The app's iterable is closed in every case, including client disconnects
 (blaze_py_abort).
+
+With threads > 1 the same functions run in the app threads (threads.py):
+C hands each thread a request, the thread calls _serve or _resume, and
+what they frame goes into the connection's buffer for the loop to write.
 """
 import io
 import logging
@@ -35,10 +39,8 @@ ERROR = lib.BLAZE_PY_ERROR
 HIGH_WATER = 256 * 1024
 
 _app = None
-_pool = None         # threads.Pool when threads > 1
 _bases = []          # base environ per listener index
 _streams = {}        # conn_id -> _Response suspended mid-body
-_errbuf = ffi.new("char[256]")
 
 
 class ClientGone(Exception):
@@ -65,14 +67,9 @@ class FileWrapper:
 
 
 def setup(app, listeners, multiprocess, threads=1, tls=None):
-    """Called once per worker before the loop runs; tls[i]: listener i speaks TLS.
-    Returns the thread pool's wake descriptor for the loop (threads > 1), else -1."""
-    global _app, _pool
+    """Called once per worker before the loop runs; tls[i]: listener i speaks TLS."""
+    global _app
     _app = app
-    _pool = None
-    if threads > 1:
-        from .threads import Pool
-        _pool = Pool(threads)
     _bases.clear()
     for i, lst in enumerate(listeners):
         secure = bool(tls and tls[i])
@@ -80,7 +77,7 @@ def setup(app, listeners, multiprocess, threads=1, tls=None):
             "wsgi.version": (1, 0),
             "wsgi.url_scheme": "https" if secure else "http",
             "wsgi.errors": sys.stderr,
-            "wsgi.multithread": _pool is not None,
+            "wsgi.multithread": threads > 1,
             "wsgi.multiprocess": multiprocess,
             "wsgi.run_once": False,
             "wsgi.file_wrapper": FileWrapper,
@@ -99,7 +96,6 @@ def setup(app, listeners, multiprocess, threads=1, tls=None):
             _bases[-1]["REMOTE_ADDR"] = ""   # a Unix peer has no address (as gunicorn says it)
         if secure:
             _bases[-1]["HTTPS"] = "on"       # the CGI key; SSL_CLIENT_S_DN comes from C with mTLS
-    return _pool.wake_fd if _pool is not None else -1
 
 
 def _header_block(headers):
@@ -107,8 +103,12 @@ def _header_block(headers):
     return "\0".join(map("\0".join, headers)).encode("latin-1")
 
 
-def _c_error():
-    return ffi.string(_errbuf).decode("latin-1", "replace")
+def _refused(r):
+    """C refused a response: the client left, or the app's status or headers are invalid."""
+    why = ffi.string(r.err).decode("latin-1", "replace")
+    if why == "client disconnected":
+        raise ClientGone(why)
+    raise ValueError(f"invalid response from the application: {why}")
 
 
 class _EmptyInput:
@@ -133,11 +133,12 @@ _EMPTY_INPUT = _EmptyInput()
 
 class _Response:
     """One request's response state; reused across requests (see _spare)."""
-    __slots__ = ("conn", "status", "headers", "sent", "result", "it", "input", "start", "_write")
+    __slots__ = ("conn", "status", "headers", "sent", "result", "it", "input", "start", "_write", "err")
 
     def __init__(self):
         self.start = self.start_response     # bound once, not per request
         self._write = self.write
+        self.err = ffi.new("char[256]")      # C's reason for a refusal (one per response: threads)
         self.conn = self.status = self.headers = None
         self.sent = False
         self.result = self.it = self.input = None
@@ -165,8 +166,8 @@ class _Response:
         st = self.status.encode("latin-1")
         hb = _header_block(self.headers)
         if lib.blaze_resp_start(self.conn, st, len(st), hb, len(hb), len(self.headers),
-                                body_len, _errbuf, 256) != 0:
-            raise ValueError(f"invalid response from the application: {_c_error()}")
+                                body_len, self.err, 256) != 0:
+            _refused(self)
         self.sent = True
 
     def write(self, data):
@@ -256,10 +257,8 @@ def _send_simple(r, conn, body):
     st = r.status.encode("latin-1")
     hb = _header_block(r.headers)
     if _resp_simple(conn, st, len(st), hb, len(hb), len(r.headers), body, len(body),
-                    _errbuf, 256) != 0:
-        if _c_error() == "client disconnected":
-            raise ClientGone("client disconnected")
-        raise ValueError(f"invalid response from the application: {_c_error()}")
+                    r.err, 256) != 0:
+        _refused(r)
     return DONE
 
 
@@ -287,11 +286,13 @@ def _body_input(r, req):
 
 
 _keysets = [None] * lib.BLAZE_KEYSETS_PY   # slot -> tuple of interned CGI names (see C keyset_slot)
+_keygens = [0] * lib.BLAZE_KEYSETS_PY      # slot -> C's generation of that tuple
 
 
-def _learn_keys(keyset, req):
+def _learn_keys(slot, req):
     keys = tuple(sys.intern(k) for k in _unpack(req.keys, req.keys_len).decode("latin-1").split("\0"))
-    _keysets[-keyset - 1] = keys
+    _keygens[slot] = req.keygen
+    _keysets[slot] = keys
     return keys
 
 
@@ -299,10 +300,28 @@ def _learn_keys(keyset, req):
 def blaze_py_request(conn, keyset, values, values_len, listener, req):
     # Everything on the common path is inline: each Python call costs.
     environ = _bases[listener].copy()
-    keys = _keysets[keyset] if keyset >= 0 else _learn_keys(keyset, req)
+    keys = _keysets[keyset] if keyset >= 0 else _learn_keys(-keyset - 1, req)
     environ.update(zip(keys, _unpack(values, values_len).decode("latin-1").split("\0")))
-    if _pool is not None:
-        return _pool.submit(conn, req, environ)
+    return _respond(conn, environ, req)
+
+
+def _serve(conn, req):
+    """threads > 1: blaze_py_request in an app thread.  A key set C calls known
+    may have been learned by another thread that has not stored it yet."""
+    environ = _bases[req.listener].copy()
+    slot = req.keyset
+    if slot < 0:
+        slot = -slot - 1
+        keys = _learn_keys(slot, req)
+    else:
+        keys = _keysets[slot]
+        if _keygens[slot] != req.keygen or keys is None:
+            keys = _learn_keys(slot, req)
+    environ.update(zip(keys, _unpack(req.values, req.values_len).decode("latin-1").split("\0")))
+    return _respond(conn, environ, req)
+
+
+def _respond(conn, environ, req):
     r = _spare.pop() if _spare else _Response()
     r.conn = conn
     r.status = r.headers = None
@@ -336,10 +355,6 @@ def blaze_py_request(conn, keyset, values, values_len, listener, req):
 
 @ffi.def_extern(onerror=lambda *exc: log.critical("blaze_py_resume failed", exc_info=exc) or ERROR)
 def blaze_py_resume(conn, conn_id):
-    if _pool is not None:
-        job = _pool.jobs.get(conn_id)
-        if job is not None:
-            return _pool.resume(conn, job)
     r = _streams.pop(conn_id, None)
     if r is None:
         return ERROR
@@ -358,15 +373,7 @@ def blaze_py_resume(conn, conn_id):
 
 @ffi.def_extern(onerror=lambda *exc: log.critical("blaze_py_abort failed", exc_info=exc))
 def blaze_py_abort(conn_id):
-    if _pool is not None and _pool.abort(conn_id):
-        log.debug("client disconnected while an app thread had its request")
-        return
     r = _streams.pop(conn_id, None)
     if r is not None:
         log.debug("client disconnected during a streamed response")
         r.close()
-
-
-@ffi.def_extern(onerror=lambda *exc: log.critical("blaze_py_done failed", exc_info=exc) or 0)
-def blaze_py_done(conns, rcs, max):
-    return _pool.send_ready(conns, rcs, max) if _pool is not None else 0

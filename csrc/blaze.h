@@ -42,10 +42,6 @@ int blaze_py_request(blaze_conn *c, int keyset, const char *values, size_t value
                      int listener, const blaze_request *req);
 int blaze_py_resume(blaze_conn *c, unsigned long long conn_id);
 void blaze_py_abort(unsigned long long conn_id);
-/* threads > 1: send the output of up to max connections whose app threads
- * have some ready; returns how many, each with its rc as from blaze_py_resume. */
-int blaze_py_done(blaze_conn **conns, int *rcs, int max);
-#define BLAZE_DONE_BATCH 64
 
 /* The outcome of one I/O step; conn_step's switch acts on it. */
 typedef enum { IO_AGAIN, IO_DONE, IO_CLOSE } blaze_io;
@@ -58,7 +54,8 @@ typedef enum {
     CONN_APP,     /* inside blaze_py_request / blaze_py_resume */
     CONN_STREAM,  /* app iterator suspended until the output drains */
     CONN_PARKED,  /* threads > 1: request complete, waiting for room in the thread pool */
-    CONN_THREAD,  /* threads > 1: an app thread has the request; reading only watches for EOF */
+    CONN_THREAD,  /* threads > 1: queued for or held by an app thread (blaze_pool.c);
+                   * reading only watches for EOF, writing is off */
     CONN_DRAIN,   /* response queued; next request waits for the output to drain */
     CONN_LINGER,  /* error answered, write side shut: discard input until EOF */
     CONN_DEAD     /* closed during a Python call; freed when the call returns */
@@ -75,7 +72,18 @@ typedef struct {
     uint64_t hash;
     size_t len;
     char *keys;                               /* owned: a copy of a keys block */
+    unsigned gen;                             /* changes whenever the slot is learned anew */
 } blaze_keyset;
+
+/* A framed response head waiting to go out with the first body bytes: the
+ * loop's (threads = 1, and error answers), or one per app thread. */
+typedef struct {
+    char *buf;                                /* owned by the loop or the pool */
+    size_t cap, len;
+    blaze_conn *conn;                         /* whose head it is (borrowed), or NULL */
+} blaze_head;
+
+typedef struct blaze_pool blaze_pool;
 
 typedef struct {
     blaze_loop *loop;                         /* borrowed */
@@ -116,15 +124,16 @@ struct blaze_loop {
     http_parser_settings settings;
     char *scratch;                            /* owned: the environ block */
     size_t scratch_cap;
-    char *head;                               /* owned: a framed response head not yet sent */
-    size_t head_cap, head_len;
-    blaze_conn *head_conn;                    /* whose head it is (borrowed) */
+    blaze_head head;                          /* the loop thread's pending head */
     blaze_keyset keysets[BLAZE_KEYSETS];      /* key sets Python has seen, by slot */
+    unsigned keygen;                          /* last blaze_keyset.gen handed out */
     unsigned long long responses;             /* completed, for max_requests and the slot */
-    /* threads > 1: requests held by Python's thread pool, and those waiting for room. */
+    /* threads > 1: requests held by the thread pool, and those waiting for room. */
     int jobs;
     blaze_conn *parked, *parked_tail;         /* borrowed: FIFO through park_next */
+    blaze_pool *pool;                         /* owned (blaze_pool.c) */
     struct event *wake_ev, *unpark_ev;        /* owned */
+    struct event *pool_watch;                 /* owned: pool_check while jobs wait */
     blaze_accesslog alog;
 };
 
@@ -141,10 +150,26 @@ struct blaze_conn {
     unsigned reading : 1;                     /* ev_read is added */
     unsigned writing : 1;                     /* ev_write is added */
     unsigned closing : 1;                     /* close once the output drains */
-    unsigned py_stream : 1;                   /* Python holds state for us (STREAM or QUEUED) */
+    unsigned py_stream : 1;                   /* Python holds state for us (a STREAM) */
     unsigned job : 1;                         /* threads > 1: counted in loop->jobs */
     blaze_conn *park_next;                    /* in loop->parked (CONN_PARKED) */
     double t_job;                             /* CONN_THREAD since (the hung-request clock) */
+    /* threads > 1, while CONN_THREAD (blaze_pool.c).  An app thread that has
+     * taken c (taken = 1) owns the response fields and c->out; the loop owns
+     * everything else and frees c only once the thread has handed it back. */
+    blaze_conn *pool_next;                    /* in the pool's queue or its done list */
+    int job_kind;                             /* BLAZE_JOB_REQUEST or BLAZE_JOB_RESUME */
+    int job_rc;                               /* what the thread's Python call returned */
+    blaze_request job_req;                    /* the request, pointing into env and c's buffers */
+    char *env;                                /* owned: the environ block the thread reads */
+    size_t env_cap;
+    blaze_head *thread_head;                  /* the taking thread's head buffer (the pool's) */
+    size_t thread_out;                        /* bytes the thread wrote itself (counted by the loop) */
+    unsigned in_thread : 1;                   /* handed to the pool: no events, no stats from writes */
+    unsigned taken : 1;                       /* an app thread has it (under the pool's lock) */
+    unsigned thread_broken : 1;               /* the socket failed in the thread: freed on return */
+    int gone;                                 /* the client left while taken (atomic) */
+    uint64_t t_queued, t_taken;               /* CLOCK_MONOTONIC ns: queued, and taken by a thread */
     unsigned long long served;                /* responses completed on this connection */
     struct evbuffer *out;                     /* owned, created on the first short write */
 
@@ -227,6 +252,8 @@ int loop_jobs_full(const blaze_loop *loop);
 void loop_park(blaze_loop *loop, blaze_conn *c);
 void loop_unpark_remove(blaze_loop *loop, blaze_conn *c);
 void loop_unpark_later(blaze_loop *loop);
+/* A job was queued: make sure the loop looks for stalled jobs (pool_check). */
+void loop_watch_pool(blaze_loop *loop);
 /* A graceful stop began, or SIGTERM arrived and the loop has not seen it yet. */
 int loop_stopping(const blaze_loop *loop);
 /* max_requests: does the response being framed now end this worker's run? */
@@ -282,11 +309,27 @@ int conn_send(blaze_conn *c, const struct iovec *iov, int n);
 void conn_send_error(blaze_conn *c, int status, const char *why);
 void conn_broken(blaze_conn *c);
 void conn_want_write(blaze_conn *c);
-/* threads > 1: c's app thread has output (blaze_py_done), or c got room in the pool. */
+/* threads > 1: c's app thread handed it back with rc (as from blaze_py_request). */
 void conn_job_ready(blaze_conn *c, int rc);
+/* Has c's socket failed, or (in a thread) its client left? */
+int conn_dead(const blaze_conn *c);
 void conn_unpark(blaze_conn *c);
 /* Write what c->out holds: bytes written (0: the socket is full), or -1: broken. */
 int conn_write_out(blaze_conn *c);
+
+/* blaze_pool.c: threads > 1, the queue between the loop and the app threads. */
+int pool_new(blaze_loop *loop, int nthreads, char *err, size_t errlen);
+void pool_free(blaze_loop *loop);
+/* Hand c (CONN_THREAD) to the app threads: a new request or a resumed stream. */
+void pool_submit(blaze_loop *loop, blaze_conn *c, int kind);
+/* The client left: 1 if c was still queued (removed: free it now), 0 if a
+ * thread has it (marked gone: it comes back through the done list). */
+int pool_cancel(blaze_loop *loop, blaze_conn *c);
+/* Detach the connections the threads handed back, in order (via pool_next). */
+blaze_conn *pool_take_done(blaze_loop *loop);
+int pool_wake_fd(const blaze_loop *loop);
+/* Wake a thread for a job queued too long behind busy ones; 1 while jobs wait. */
+int pool_check(blaze_loop *loop);
 
 /* blaze_http.c */
 void http_settings_init(http_parser_settings *s);

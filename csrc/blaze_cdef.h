@@ -104,18 +104,20 @@ typedef struct {
     int ntrusted;
     int trust_all;                /* forwarded_allow_ips = * */
     int threads;                  /* app threads (>1: requests go to the thread pool) */
-    int wake_fd;                  /* threads > 1: the eventfd app threads signal (Python owns it) */
     blaze_tls *tls;               /* for listeners added with tls = 1 (borrowed: freed after the loop), or NULL */
     int log_debug;                /* log_level is debug: the loop logs failed TLS handshakes */
 } blaze_limits;
 
-/* One parsed request, valid for the duration of blaze_py_request only. */
+/* One parsed request, valid for the duration of blaze_py_request only
+ * (with threads > 1: until the thread hands the connection back). */
 typedef struct {
     const char *keys;             /* "KEY\0KEY\0...": the CGI names of this request */
     size_t keys_len;
     const char *values;           /* "VALUE\0VALUE\0...": their values, latin-1, same order */
     size_t values_len;
     int keyset;                   /* >= 0: slot of a key set Python knows; else -(slot+1): learn keys */
+    unsigned keygen;              /* the slot's generation: with threads, a slot learned by
+                                   * another thread may not be in Python yet (learn it then) */
     int listener;                 /* index returned by blaze_loop_listen */
     const char *body;             /* the body in memory (body_fd == -1) */
     size_t body_len;              /* body length, in memory or in the file */
@@ -130,9 +132,21 @@ enum { BLAZE_KEYSETS_PY = 256 };
 enum {
     BLAZE_PY_DONE = 0,            /* the response is complete (blaze_resp_finish was called) */
     BLAZE_PY_STREAM = 1,          /* more body to come: call blaze_py_resume when output drains */
-    BLAZE_PY_ERROR = -1,          /* the app failed: 500 if nothing was sent, else close */
-    BLAZE_PY_QUEUED = 2           /* an app thread has it: blaze_py_done hands c back when ready */
+    BLAZE_PY_ERROR = -1           /* the app failed: 500 if nothing was sent, else close */
 };
+
+/* threads > 1: what an app thread gets from blaze_pool_next. */
+enum { BLAZE_JOB_REQUEST = 0, BLAZE_JOB_RESUME = 1 };
+typedef struct {
+    blaze_conn *conn;
+    int kind;                     /* REQUEST: call the app; RESUME: blaze_py_resume's work */
+    blaze_request req;            /* REQUEST: as blaze_py_request gets it */
+} blaze_job;
+/* An app thread's one call into C (cffi releases the GIL around it): hand
+ * back `done` (NULL: none) with rc, as blaze_py_request would return it,
+ * then wait for the next job.  `thread` is the thread's index (0..threads-1).
+ * Returns 1 with *job filled, or 0 when the loop is gone: the thread ends. */
+int blaze_pool_next(blaze_loop *loop, int thread, blaze_conn *done, int rc, blaze_job *job);
 
 /* Loop: one per worker process. Errors come back as text in err. */
 blaze_loop *blaze_loop_new(const blaze_limits *limits, char *err, size_t errlen);

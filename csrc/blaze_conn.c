@@ -10,10 +10,12 @@
  *   APP   --STREAM--> STREAM --output drained--> APP (blaze_py_resume)
  *   any   --bad request--> LINGER (error answered, write side shut) --> closed
  *   APP   --socket broke inside Python--> DEAD --call returns--> freed
- * With threads > 1 (the app runs in Python's thread pool):
- *   HEAD/BODY --complete, pool full--> PARKED --room--> APP
- *   APP   --QUEUED--> THREAD --output ready: blaze_py_done sends it--> as after APP
- *   THREAD --client closed--> freed (Python is told: blaze_py_abort)
+ * With threads > 1 (the app runs in an app thread; blaze_pool.c):
+ *   HEAD/BODY --complete, pool full--> PARKED --room--> THREAD
+ *   HEAD/BODY --complete--> THREAD --the thread hands it back--> as after APP
+ *   STREAM --output drained--> THREAD (resumed by a thread)
+ *   THREAD --client closed--> freed if still queued; else marked gone,
+ *             freed when the thread hands it back
  * Reading is on only in HEAD, BODY and LINGER: a client cannot pile up
  * requests while its responses wait (backpressure), and pipelined
  * requests are answered in order.
@@ -84,6 +86,8 @@ static void read_off(blaze_conn *c)
 
 void conn_want_write(blaze_conn *c)
 {
+    if (c->in_thread)
+        return;       /* an app thread: the loop starts writing when it gets c back */
     if (!c->writing && event_add(c->ev_write, NULL) == 0)
         c->writing = 1;
 }
@@ -165,6 +169,8 @@ static void job_end(blaze_conn *c)
 void conn_free(blaze_conn *c)
 {
     blaze_loop *loop = c->loop;
+    free(c->env);
+    c->env = NULL;
     request_left(c);
     if (c->py_stream) {
         c->py_stream = 0;
@@ -173,8 +179,8 @@ void conn_free(blaze_conn *c)
     if (c->state == CONN_PARKED)
         loop_unpark_remove(loop, c);
     job_end(c);
-    if (loop->head_conn == c)
-        loop->head_conn = NULL;
+    if (loop->head.conn == c)
+        loop->head.conn = NULL;
     event_free(c->ev_read);
     event_free(c->ev_write);
     event_free(c->ev_timer);
@@ -196,6 +202,10 @@ void conn_free(blaze_conn *c)
  * zero-delay timer frees it from the loop (or after_python does first). */
 void conn_broken(blaze_conn *c)
 {
+    if (c->in_thread) {
+        c->thread_broken = 1;     /* no events from a thread: the loop acts on its return */
+        return;
+    }
     if (c->state == CONN_DEAD)
         return;
     c->state = CONN_DEAD;
@@ -215,16 +225,23 @@ void conn_close_if_idle(blaze_conn *c)
         conn_free(c);
 }
 
+int conn_dead(const blaze_conn *c)
+{
+    return c->state == CONN_DEAD ||
+           (c->in_thread && (c->thread_broken || __atomic_load_n(&c->gone, __ATOMIC_RELAXED)));
+}
+
 int conn_send(blaze_conn *c, const struct iovec *iov, int n)
 {
-    if (c->state == CONN_DEAD)
+    if (conn_dead(c))
         return BLAZE_ERR;
     size_t total = 0, done = 0;
     for (int i = 0; i < n; i++)
         total += iov[i].iov_len;
     if (total == 0)
         return BLAZE_OK;
-    if (write_pending(c) == 0) {
+    /* An app thread only fills c->out; the loop writes it. */
+    if (write_pending(c) == 0 && !c->in_thread) {
         ssize_t w;
         if (c->ssl) {
             w = tls_send(c, iov, n);
@@ -265,6 +282,8 @@ int conn_send(blaze_conn *c, const struct iovec *iov, int n)
         }
         done = 0;
     }
+    if (c->in_thread)
+        return BLAZE_OK;
     conn_want_write(c);
     if (c->timer != TIMER_LINGER)
         timer_set(c, TIMER_IO);
@@ -295,8 +314,8 @@ void conn_send_error(blaze_conn *c, int status, const char *why)
     if (hl < 0 || hl >= (int)sizeof(head))
         hl = (int)sizeof(head) - 1;
     struct iovec iov[2] = {{head, (size_t)hl}, {body, c->is_head ? 0 : (size_t)bl}};
-    if (c->loop->head_conn == c)
-        c->loop->head_conn = NULL;
+    if (c->loop->head.conn == c)
+        c->loop->head.conn = NULL;
     if (status != 500)
         stats_parse_error(c->loop);        /* the HTTP layer refused the request */
     double took = stats_took(c);
@@ -340,8 +359,8 @@ static void response_done(blaze_conn *c)
 static int after_python(blaze_conn *c, int rc)
 {
     /* Set first: if c is freed below, conn_free must tell Python to close
-     * the iterable it keeps for a STREAM or forget the job of a thread. */
-    c->py_stream = rc == BLAZE_PY_STREAM || rc == BLAZE_PY_QUEUED;
+     * the iterable it keeps for a STREAM. */
+    c->py_stream = rc == BLAZE_PY_STREAM;
     if (!c->py_stream)
         job_end(c);
     if (c->state == CONN_DEAD) {
@@ -351,14 +370,6 @@ static int after_python(blaze_conn *c, int rc)
     if (rc != BLAZE_PY_ERROR && write_flush_head(c) != BLAZE_OK)
         return -1;        /* broken: the zero-delay timer frees it */
     switch (rc) {
-    case BLAZE_PY_QUEUED:
-        /* The app thread works; meanwhile only watch for the client leaving. */
-        c->state = CONN_THREAD;
-        c->t_job = stats_now();
-        if (write_pending(c) == 0)    /* else on_write drains the last batch meanwhile */
-            timer_set(c, TIMER_NONE);
-        read_on(c);
-        return -1;
     case BLAZE_PY_STREAM:
         c->state = CONN_STREAM;
         read_off(c);
@@ -369,8 +380,8 @@ static int after_python(blaze_conn *c, int rc)
         response_done(c);
         return 0;
     default:
-        if (c->loop->head_conn == c)
-            c->loop->head_conn = NULL;
+        if (c->loop->head.conn == c)
+            c->loop->head.conn = NULL;
         if (c->resp_started)
             conn_broken(c);   /* headers went out: closing is all we can do */
         else
@@ -407,6 +418,38 @@ static void refuse_rate_limited(blaze_conn *c, double retry_after)
     response_done(c);
 }
 
+/* threads > 1: give c to the app threads; meanwhile only watch for the
+ * client leaving.  Writing is off: a thread may be filling c->out. */
+static void to_thread(blaze_conn *c, int kind)
+{
+    c->state = CONN_THREAD;
+    c->t_job = stats_now();
+    write_off(c);
+    timer_set(c, TIMER_NONE);
+    read_on(c);
+    pool_submit(c->loop, c, kind);
+    loop_watch_pool(c->loop);
+}
+
+/* The environ block into c->env: the loop's scratch is reused by the next
+ * request before the thread reads it. */
+static int keep_environ(blaze_conn *c, blaze_request *req)
+{
+    size_t need = req->keys_len + req->values_len + 2;
+    if (need > c->env_cap) {
+        char *env = realloc(c->env, need);
+        if (env == NULL)
+            return BLAZE_ERR;
+        c->env = env;
+        c->env_cap = need;
+    }
+    memcpy(c->env, req->keys, req->keys_len + 1);
+    memcpy(c->env + req->keys_len + 1, req->values, req->values_len + 1);
+    req->keys = c->env;
+    req->values = c->env + req->keys_len + 1;
+    return BLAZE_OK;
+}
+
 static int dispatch(blaze_conn *c)
 {
     blaze_loop *loop = c->loop;
@@ -423,6 +466,10 @@ static int dispatch(blaze_conn *c)
         conn_send_error(c, st, st == 400 ? "invalid request target" : NULL);
         return -1;
     }
+    if (threaded && keep_environ(c, &req) != BLAZE_OK) {
+        conn_send_error(c, 500, NULL);
+        return -1;
+    }
     c->state = CONN_APP;
     c->in_flight = 1;
     stats_in_flight(loop, 1);
@@ -430,8 +477,9 @@ static int dispatch(blaze_conn *c)
         /* the app runs in a thread: the loop's tick keeps the hung-request clock */
         c->job = 1;
         loop->jobs++;
-        return after_python(c, blaze_py_request(c, req.keyset, req.values, req.values_len,
-                                                 req.listener, &req));
+        c->job_req = req;
+        to_thread(c, BLAZE_JOB_REQUEST);
+        return -1;
     }
     /* no body: the head just completed, t_start is still "now" */
     stats_busy_at(loop, c->body_kind == BODY_NONE ? c->t_start : stats_now());
@@ -442,24 +490,48 @@ static int dispatch(blaze_conn *c)
 
 static void resume(blaze_conn *c)
 {
-    c->state = CONN_APP;
-    int rc;
     if (c->job) {
-        rc = blaze_py_resume(c, c->id);
-    } else {
-        stats_busy(c->loop);
-        rc = blaze_py_resume(c, c->id);
-        stats_idle(c->loop);
+        to_thread(c, BLAZE_JOB_RESUME);   /* the iterator may block: a thread runs it */
+        return;
     }
+    c->state = CONN_APP;
+    stats_busy(c->loop);
+    int rc = blaze_py_resume(c, c->id);
+    stats_idle(c->loop);
     if (after_python(c, rc) == 0)
         conn_step(c);
 }
 
 void conn_job_ready(blaze_conn *c, int rc)
 {
-    if (c->state == CONN_THREAD) {
-        read_off(c);
-        c->state = CONN_APP;
+    int gone = __atomic_load_n(&c->gone, __ATOMIC_RELAXED);
+    c->in_thread = 0;
+    c->taken = 0;
+    c->gone = 0;
+    c->thread_head = NULL;
+    c->state = CONN_APP;          /* reading stays as it was: the next state sets it */
+    if (c->thread_out > 0) {
+        stats_bytes(c->loop, 0, c->thread_out);
+        c->thread_out = 0;
+    }
+    if (c->thread_broken || (gone && rc == BLAZE_PY_ERROR)) {
+        c->thread_broken = 0;
+        c->py_stream = rc == BLAZE_PY_STREAM;   /* on ERROR Python closed the iterable */
+        conn_free(c);
+        return;
+    }
+    if (write_pending(c) > 0) {   /* what the thread framed: out now if the socket takes it */
+        int n = conn_write_out(c);
+        if (n < 0) {
+            conn_broken(c);
+        } else {
+            if (n > 0)
+                stats_bytes(c->loop, 0, (size_t)n);
+            if (write_pending(c) > 0) {
+                conn_want_write(c);
+                timer_set(c, TIMER_IO);
+            }
+        }
     }
     if (after_python(c, rc) == 0)
         conn_step(c);
@@ -640,19 +712,16 @@ static void on_read(evutil_socket_t fd, short what, void *arg)
         }
     }
     if (c->state == CONN_THREAD) {
-        /* The request is with an app thread: only a close matters now.  Bytes
+        /* The request is with the app threads: only a close matters now.  Bytes
          * of a pipelined request stay in the socket until this one is done. */
         int closed = peer_closed(c);
         if (closed < 0)
             return;
-        if (!closed || c->resp_started) {
-            /* Pipelined bytes; or a client that left once the response began
-             * (it may have it all): the response ends as usual, and a write
-             * that fails then closes the connection. */
-            read_off(c);
-        } else {
-            conn_free(c);     /* Python is told (blaze_py_abort) and closes the iterable */
-        }
+        read_off(c);
+        if (closed && pool_cancel(c->loop, c))
+            conn_free(c);     /* still queued: the app is not called (a stream's iterable is closed) */
+        /* else a thread has it, marked gone: its output fails, Python closes
+         * the iterable, and the thread hands c back to be freed */
         return;
     }
     if (c->state != CONN_HEAD && c->state != CONN_BODY) {
@@ -705,7 +774,7 @@ static void on_write(evutil_socket_t fd, short what, void *arg)
         if (c->timer != TIMER_LINGER)
             timer_set(c, TIMER_IO);
         long long left = write_pending(c);
-        if (c->state == CONN_STREAM && left < BLAZE_OUT_HIGH / 4) {
+        if (c->state == CONN_STREAM && left < BLAZE_OUT_HIGH / 4 && !c->job) {
             resume(c);        /* keep the socket fed while the tail drains */
             return;
         }
@@ -722,9 +791,6 @@ static void on_write(evutil_socket_t fd, short what, void *arg)
         break;
     case CONN_LINGER:
         shut_write(c);
-        break;
-    case CONN_THREAD:
-        timer_set(c, TIMER_NONE);     /* drained; the app thread's time is not io time */
         break;
     default:
         break;

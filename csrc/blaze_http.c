@@ -683,6 +683,7 @@ static int keyset_slot(blaze_loop *loop, const char *keys, size_t len)
     blaze_keyset *ks = &loop->keysets[slot];
     if (ks->keys && ks->hash == h && ks->len == len && memcmp(ks->keys, keys, len) == 0)
         return slot;
+    ks->gen = ++loop->keygen;
     free(ks->keys);
     ks->keys = malloc(len ? len : 1);
     ks->hash = h;
@@ -820,6 +821,7 @@ int http_build_environ(blaze_conn *c, blaze_request *req)
     req->values = loop->scratch + half;
     req->values_len = (size_t)(w.v - req->values) - 1;
     req->keyset = keyset_slot(loop, req->keys, req->keys_len);
+    req->keygen = loop->keysets[req->keyset >= 0 ? req->keyset : -req->keyset - 1].gen;
     req->listener = c->listener;
     req->body = c->body_fd >= 0 ? NULL : c->body;
     req->body_len = (size_t)c->body_total;

@@ -288,12 +288,12 @@ static void on_grace_over(evutil_socket_t fd, short what, void *arg)
 }
 
 /* ---- threads > 1: the thread pool's side of the loop ----
- * Python's app threads take requests from blaze_py_request (QUEUED) and,
- * when output is ready, queue the connection and write the eventfd; the
- * loop then has Python send them, a burst per call (blaze_py_done).  At most
- * two requests per thread are with Python (one running, one queued); a
- * further complete request is parked, unread input stays in the socket,
- * and accepting pauses, so other workers take the new connections. */
+ * Complete requests go to the app threads through blaze_pool.c; when a
+ * thread hands one back it writes the eventfd, and the loop writes the
+ * responses (on_wake).  At most two requests per thread are in the pool
+ * (one running, one queued); a further complete request is parked, unread
+ * input stays in the socket, and accepting pauses, so other workers take
+ * the new connections. */
 int loop_jobs_full(const blaze_loop *loop)
 {
     return loop->jobs >= 2 * loop->lim.threads;
@@ -353,19 +353,31 @@ static void on_unpark(evutil_socket_t fd, short what, void *arg)
 static void on_wake(evutil_socket_t fd, short what, void *arg)
 {
     blaze_loop *loop = arg;
-    uint64_t count;
+    (void)fd;
     (void)what;
-    (void)loop;
-    while (read(fd, &count, sizeof(count)) < 0 && errno == EINTR)
-        ;
-    /* One call into Python for a burst of ready responses: one GIL round trip. */
-    blaze_conn *conns[BLAZE_DONE_BATCH];
-    int rcs[BLAZE_DONE_BATCH], n;
-    do {
-        n = blaze_py_done(conns, rcs, BLAZE_DONE_BATCH);
-        for (int i = 0; i < n; i++)
-            conn_job_ready(conns[i], rcs[i]);
-    } while (n == BLAZE_DONE_BATCH);
+    blaze_conn *c = pool_take_done(loop);
+    while (c) {
+        blaze_conn *next = c->pool_next;
+        c->pool_next = NULL;
+        conn_job_ready(c, c->job_rc);
+        c = next;
+    }
+}
+
+static void on_pool_watch(evutil_socket_t fd, short what, void *arg)
+{
+    blaze_loop *loop = arg;
+    (void)fd;
+    (void)what;
+    if (pool_check(loop))
+        loop_watch_pool(loop);
+}
+
+void loop_watch_pool(blaze_loop *loop)
+{
+    static const struct timeval ms = {0, 1000};
+    if (!evtimer_pending(loop->pool_watch, NULL))
+        evtimer_add(loop->pool_watch, &ms);
 }
 
 /* The hung-request clock with threads: the oldest request an app thread holds. */
@@ -449,13 +461,12 @@ blaze_loop *blaze_loop_new(const blaze_limits *limits, char *err, size_t errlen)
         goto fail;
     }
     if (limits->threads > 1) {
-        if (limits->wake_fd < 0) {
-            snprintf(err, errlen, "threads > 1 needs the pool's wake descriptor");
+        if (pool_new(loop, limits->threads, err, errlen) != BLAZE_OK)
             goto fail;
-        }
-        loop->wake_ev = event_new(loop->base, limits->wake_fd, EV_READ | EV_PERSIST, on_wake, loop);
+        loop->wake_ev = event_new(loop->base, pool_wake_fd(loop), EV_READ | EV_PERSIST, on_wake, loop);
         loop->unpark_ev = evtimer_new(loop->base, on_unpark, loop);
-        if (!loop->wake_ev || !loop->unpark_ev || event_add(loop->wake_ev, NULL) != 0) {
+        loop->pool_watch = evtimer_new(loop->base, on_pool_watch, loop);
+        if (!loop->wake_ev || !loop->unpark_ev || !loop->pool_watch || event_add(loop->wake_ev, NULL) != 0) {
             snprintf(err, errlen, "cannot create the thread pool's events");
             goto fail;
         }
@@ -517,6 +528,22 @@ int blaze_loop_listen(blaze_loop *loop, int fd, int tls, char *err, size_t errle
     return i;
 }
 
+/* Free every connection but those an app thread holds; returns how many those are. */
+static int close_all(blaze_loop *loop)
+{
+    int held = 0;
+    blaze_conn *c = loop->conns;
+    while (c) {
+        blaze_conn *next = c->next;
+        if (c->in_thread && !pool_cancel(loop, c))
+            held++;
+        else
+            conn_free(c);
+        c = next;
+    }
+    return held;
+}
+
 int blaze_loop_run(blaze_loop *loop)
 {
     write_update_date();
@@ -530,8 +557,7 @@ int blaze_loop_run(blaze_loop *loop)
         return 1;
     }
     /* Fast stop or graceful timeout: whatever is left is closed now. */
-    while (loop->conns)
-        conn_free(loop->conns);
+    close_all(loop);
     log_flush(loop);
     return loop->exit_code;
 }
@@ -540,8 +566,13 @@ void blaze_loop_free(blaze_loop *loop)
 {
     if (loop == NULL)
         return;
-    while (loop->conns)
-        conn_free(loop->conns);
+    if (close_all(loop) > 0) {
+        /* App threads still run requests (the graceful timeout ran out):
+         * they use the loop and their connections until they return, so
+         * all of it is left to the process's exit, which comes next. */
+        pool_free(loop);      /* only tells the idle threads to end */
+        return;
+    }
     for (int i = 0; i < loop->nlisteners; i++)
         event_free(loop->listeners[i].ev);
     if (loop->accept_pause) event_free(loop->accept_pause);
@@ -550,12 +581,14 @@ void blaze_loop_free(blaze_loop *loop)
     if (loop->grace) event_free(loop->grace);
     if (loop->wake_ev) event_free(loop->wake_ev);
     if (loop->unpark_ev) event_free(loop->unpark_ev);
+    if (loop->pool_watch) event_free(loop->pool_watch);
     if (loop->base) event_base_free(loop->base);
+    pool_free(loop);                          /* after wake_ev: its descriptor is the pool's */
     log_free(loop);
     for (int i = 0; i < BLAZE_KEYSETS; i++)
         free(loop->keysets[i].keys);
     free(loop->scratch);
-    free(loop->head);
+    free(loop->head.buf);
     free((char *)loop->lim.tmp_dir);
     free((blaze_net *)loop->lim.trusted);
     free(loop);

@@ -1,9 +1,10 @@
 /* Responses: status line, headers, framing (Content-Length, chunked or
  * close-delimited), the Date header, and sendfile for file bodies.
  *
- * A framed head waits in loop->head until the first body bytes (or the
- * end of the response), so head and body leave in one writev: PEP 3333
- * also says headers must not go out before the first non-empty chunk.
+ * A framed head waits in loop->head (an app thread's: its own buffer in
+ * the pool) until the first body bytes (or the end of the response), so
+ * head and body leave in one writev: PEP 3333 also says headers must not
+ * go out before the first non-empty chunk.
  */
 #include "blaze.h"
 
@@ -75,12 +76,19 @@ static int has_close_token(const char *v, size_t n)
 #define PUT_LIT(p, s) PUT(p, s, sizeof(s) - 1)
 #define BAD(...) do { snprintf(err, errlen, __VA_ARGS__); return BLAZE_ERR; } while (0)
 
-/* Validate and frame status + headers into loop->head. */
+/* Where c's head is framed: its app thread's buffer, or the loop's. */
+static blaze_head *head_of(blaze_conn *c)
+{
+    return c->in_thread ? c->thread_head : &c->loop->head;
+}
+
+/* Validate and frame status + headers into head_of(c). */
 static int frame_head(blaze_conn *c, const char *status, size_t slen, const char *hdrs,
                       size_t hlen, int nhdrs, long long body_len, char *err, size_t errlen)
 {
     blaze_loop *loop = c->loop;
-    if (c->state == CONN_DEAD)
+    blaze_head *hd = head_of(c);
+    if (conn_dead(c))
         BAD("client disconnected");
     if (c->resp_started)
         BAD("response already started");
@@ -101,17 +109,17 @@ static int frame_head(blaze_conn *c, const char *status, size_t slen, const char
         BAD("malformed header list");
 
     size_t need = 16 + slen + hlen + 4 * (size_t)nhdrs + 256 + BLAZE_COALESCE;
-    if (need > loop->head_cap) {
-        size_t cap = loop->head_cap ? loop->head_cap : 4096;
+    if (need > hd->cap) {
+        size_t cap = hd->cap ? hd->cap : 4096;
         while (cap < need)
             cap *= 2;
-        char *h = realloc(loop->head, cap);
+        char *h = realloc(hd->buf, cap);
         if (h == NULL)
             BAD("out of memory");
-        loop->head = h;
-        loop->head_cap = cap;
+        hd->buf = h;
+        hd->cap = cap;
     }
-    char *p = loop->head;
+    char *p = hd->buf;
     PUT_LIT(p, "HTTP/1.1 ");
     PUT(p, status, slen);
     if (slen == 3)
@@ -221,8 +229,8 @@ static int frame_head(blaze_conn *c, const char *status, size_t slen, const char
         PUT_LIT(p, "Connection: keep-alive\r\n");
     }
     PUT_LIT(p, "\r\n");
-    loop->head_len = (size_t)(p - loop->head);
-    loop->head_conn = c;
+    hd->len = (size_t)(p - hd->buf);
+    hd->conn = c;
     c->resp_started = 1;
     return BLAZE_OK;
 }
@@ -230,12 +238,12 @@ static int frame_head(blaze_conn *c, const char *status, size_t slen, const char
 /* Put the pending head (if it is c's) first in iov; returns the count used. */
 static int take_head(blaze_conn *c, struct iovec *iov)
 {
-    blaze_loop *loop = c->loop;
-    if (loop->head_conn != c)
+    blaze_head *hd = head_of(c);
+    if (hd->conn != c)
         return 0;
-    loop->head_conn = NULL;
-    iov->iov_base = loop->head;
-    iov->iov_len = loop->head_len;
+    hd->conn = NULL;
+    iov->iov_base = hd->buf;
+    iov->iov_len = hd->len;
     return 1;
 }
 
@@ -269,7 +277,7 @@ int blaze_resp_start(blaze_conn *c, const char *status, size_t status_len,
 
 long long blaze_resp_write(blaze_conn *c, const char *data, size_t len)
 {
-    if (c->state == CONN_DEAD || !c->resp_started)
+    if (conn_dead(c) || !c->resp_started)
         return -1;
     struct iovec iov[4];
     char sizeline[24];
@@ -290,6 +298,16 @@ long long blaze_resp_write(blaze_conn *c, const char *data, size_t len)
     }
     if (n > 0 && conn_send(c, iov, n) != BLAZE_OK)
         return -1;
+    if (c->in_thread && write_pending(c) > 0) {
+        /* PEP 3333: a block goes out now, not once the app has made the
+         * next one.  While a thread has c, the socket's write side is its. */
+        int w = conn_write_out(c);
+        if (w < 0) {
+            conn_broken(c);
+            return -1;
+        }
+        c->thread_out += (size_t)w;
+    }
     /* Sending is progress: a streaming app is not hung.  (With threads the
      * clock is per request, t_job, restarted when the batch is handed back.) */
     if (!c->job)
@@ -299,7 +317,7 @@ long long blaze_resp_write(blaze_conn *c, const char *data, size_t len)
 
 long long blaze_resp_file(blaze_conn *c, int fd, long long offset, long long len)
 {
-    if (c->state == CONN_DEAD || !c->resp_started || write_flush_head(c) != BLAZE_OK) {
+    if (conn_dead(c) || !c->resp_started || write_flush_head(c) != BLAZE_OK) {
         close(fd);
         return -1;
     }
@@ -335,9 +353,11 @@ long long blaze_resp_file(blaze_conn *c, int fd, long long offset, long long len
 long long blaze_resp_flush(blaze_conn *c, long long below)
 {
     int ms = (int)(c->loop->lim.io_timeout * 1000.0);
-    while (c->state != CONN_DEAD && write_pending(c) > below) {
+    while (!conn_dead(c) && write_pending(c) > below) {
         int n = conn_write_out(c);
-        if (n > 0)
+        if (n > 0 && c->in_thread)
+            c->thread_out += (size_t)n;   /* the slot's counters are the loop's to write */
+        else if (n > 0)
             stats_bytes(c->loop, 0, (size_t)n);
         if (n < 0) {
             conn_broken(c);
@@ -352,12 +372,12 @@ long long blaze_resp_flush(blaze_conn *c, long long below)
             return -1;
         }
     }
-    return c->state == CONN_DEAD ? -1 : write_pending(c);
+    return conn_dead(c) ? -1 : write_pending(c);
 }
 
 int blaze_resp_finish(blaze_conn *c)
 {
-    if (c->state == CONN_DEAD || !c->resp_started)
+    if (conn_dead(c) || !c->resp_started)
         return BLAZE_ERR;
     struct iovec iov[2];
     int n = take_head(c, iov);
@@ -380,10 +400,10 @@ int blaze_resp_simple(blaze_conn *c, const char *status, size_t status_len,
     struct iovec iov[2];
     int n = take_head(c, iov);
     size_t len = body_allow(c, body_len);
-    blaze_loop *loop = c->loop;
-    if (n == 1 && len > 0 && len <= BLAZE_COALESCE && loop->head_len + len <= loop->head_cap) {
+    blaze_head *hd = head_of(c);
+    if (n == 1 && len > 0 && len <= BLAZE_COALESCE && hd->len + len <= hd->cap) {
         /* A small body rides in the head's buffer: one send(2), not writev(2). */
-        memcpy(loop->head + loop->head_len, body, len);
+        memcpy(hd->buf + hd->len, body, len);
         iov[0].iov_len += len;
     } else if (len > 0) {
         iov[n].iov_base = (void *)body;

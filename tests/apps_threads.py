@@ -68,6 +68,15 @@ def app(environ, start_response):
             time.sleep(0.01)
         start_response("200 OK", text)
         return Closing(lambda: iter([b"one,", b"two"]), path)
+    if path == "/tick":              # a block, then a wait for the client's go, then the end
+        def ticks():
+            yield b"first"
+            deadline = time.monotonic() + 20
+            while not os.path.exists(q["f"]) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            yield b"second"
+        start_response("200 OK", text)
+        return Closing(ticks, path)
     if path == "/gen":
         n, kb = int(q.get("n", "10")), int(q.get("kb", "64"))
         start_response("200 OK", text)

@@ -90,7 +90,7 @@ def test_scales_up_under_load_and_back_down_when_idle(server_factory):
     assert watch.counts[-1] == 1 and min(watch.counts) >= 1, watch.counts
     downs = [(int(n), float(r)) for n, r in DOWN.findall(out)]
     assert [n for n, _ in downs] == [2, 1], out
-    assert all(r < 5 for _, r in downs), downs
+    assert all(r <= 5.0 for _, r in downs), downs   # < 5, logged to 0.1: 4.96 shows as 5.0
     assert shrunk < 10, f"took {shrunk:.1f} s to shrink"
     # the newest worker retires first; the first one is never touched; all retire cleanly
     assert srv.worker_pids() == first, (first, srv.worker_pids())

@@ -203,6 +203,27 @@ def test_streaming_write_file_wrapper_and_errors(server_factory, tmp_path):
     c.close()
 
 
+def test_streamed_block_is_sent_before_the_app_makes_the_next(server_factory, tmp_path):
+    """PEP 3333: a yielded block is not held back while the app works on the next one."""
+    srv = make(server_factory, tmp_path, threads=4).start()
+    go = tmp_path / "go"
+    with srv.connect() as s:
+        s.settimeout(10)
+        s.sendall(f"GET /tick?f={go} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while b"first" not in data:
+            chunk = s.recv(65536)      # times out if "first" waits for "second"
+            assert chunk, data
+            data += chunk
+        assert b"second" not in data
+        go.write_text("go")
+        while not data.endswith(b"0\r\n\r\n"):
+            chunk = s.recv(65536)
+            assert chunk, data
+            data += chunk
+    assert b"second" in data
+
+
 def test_reload_and_stop_wait_for_requests_in_threads(server_factory, tmp_path):
     srv = make(server_factory, tmp_path, threads=8, workers=2).start()
     old = srv.worker_pids()
