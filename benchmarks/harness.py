@@ -423,7 +423,7 @@ def _ours(name: str, settings: dict | None = None, **kw) -> Launcher:
 
 
 GTHREADS = 4  # gunicorn's gthread worker: threads per worker
-BLAZE_THREADS = 64  # ours on the waiting (10 ms sleep) view: app threads per worker
+BLAZE_THREADS = 128  # ours on the waiting (10 ms sleep) view: app threads per worker
 
 
 @functools.cache

@@ -250,16 +250,36 @@ def _not_bytes(chunk):
     raise TypeError(f"the application yielded {type(chunk).__name__}, not bytes")
 
 
-def _send_simple(r, conn, body):
-    """A one-item list of bytes: status, headers and body in one write."""
+def _simple_head(r):
+    """Status and header block of a one-item response, encoded for C."""
     if r.status is None:
         raise AssertionError("the application returned without calling start_response()")
-    st = r.status.encode("latin-1")
-    hb = _header_block(r.headers)
+    return r.status.encode("latin-1"), _header_block(r.headers)
+
+
+def _send_simple(r, conn, body):
+    """A one-item list of bytes: status, headers and body in one write."""
+    st, hb = _simple_head(r)
     if _resp_simple(conn, st, len(st), hb, len(hb), len(r.headers), body, len(body),
                     r.err, 256) != 0:
         _refused(r)
     return DONE
+
+
+def _finish(r):
+    """The response is out: close what needs closing, keep r for the next request."""
+    if type(r.result) is not list or r.input is not None:
+        r.close()
+    r.result = None
+    _spare.append(r)
+
+
+def _fail_refused(r):
+    """C refused a deferred one-item response (threads.py): ERROR, logged."""
+    try:
+        _refused(r)
+    except Exception as exc:
+        return _fail(r, exc)
 
 
 def _fail(r, exc):
@@ -318,10 +338,13 @@ def _serve(conn, req):
         if _keygens[slot] != req.keygen or keys is None:
             keys = _learn_keys(slot, req)
     environ.update(zip(keys, _unpack(req.values, req.values_len).decode("latin-1").split("\0")))
-    return _respond(conn, environ, req)
+    return _respond(conn, environ, req, True)
 
 
-def _respond(conn, environ, req):
+def _respond(conn, environ, req, defer=False):
+    """Call the app and send its response; DONE, STREAM or ERROR.  defer (an app
+    thread): a one-item response comes back as (r, status, headers, body) for
+    the thread to hand to C with the connection (threads.py)."""
     r = _spare.pop() if _spare else _Response()
     r.conn = conn
     r.status = r.headers = None
@@ -333,6 +356,8 @@ def _respond(conn, environ, req):
         if type(result) is list and len(result) == 1 and r.status is not None and not r.sent:
             body = result[0]
             if type(body) is bytes:
+                if defer:
+                    return (r, *_simple_head(r), body)
                 rc = _send_simple(r, conn, body)
             else:
                 rc = _run_general(r, result)
@@ -346,10 +371,7 @@ def _respond(conn, environ, req):
     if rc == STREAM:
         _streams[req.conn_id] = r
         return STREAM
-    if type(r.result) is not list or r.input is not None:
-        r.close()
-    r.result = None
-    _spare.append(r)
+    _finish(r)
     return DONE
 
 

@@ -319,7 +319,7 @@ int conn_write_out(blaze_conn *c);
 
 /* blaze_pool.c: threads > 1, the queue between the loop and the app threads. */
 int pool_new(blaze_loop *loop, int nthreads, char *err, size_t errlen);
-void pool_free(blaze_loop *loop);
+int pool_free(blaze_loop *loop);
 /* Hand c (CONN_THREAD) to the app threads: a new request or a resumed stream. */
 void pool_submit(blaze_loop *loop, blaze_conn *c, int kind);
 /* The client left: 1 if c was still queued (removed: free it now), 0 if a

@@ -147,6 +147,16 @@ typedef struct {
  * then wait for the next job.  `thread` is the thread's index (0..threads-1).
  * Returns 1 with *job filled, or 0 when the loop is gone: the thread ends. */
 int blaze_pool_next(blaze_loop *loop, int thread, blaze_conn *done, int rc, blaze_job *job);
+/* Called once by each app thread before its first blaze_pool_next: how the
+ * thread is scheduled (see blaze_pool.c).  Failures are ignored. */
+void blaze_pool_thread_init(void);
+/* blaze_resp_simple for `done`, then blaze_pool_next(done, DONE): a one-item
+ * response and the next job in one crossing.  -1 (err says why): the
+ * response was refused and `done` is still the thread's. */
+int blaze_pool_reply(blaze_loop *loop, int thread, blaze_conn *done,
+                     const char *status, size_t status_len, const char *hdrs, size_t hdrs_len,
+                     int nhdrs, const char *body, size_t body_len, char *err, size_t errlen,
+                     blaze_job *job);
 
 /* Loop: one per worker process. Errors come back as text in err. */
 blaze_loop *blaze_loop_new(const blaze_limits *limits, char *err, size_t errlen);

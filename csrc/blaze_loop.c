@@ -583,7 +583,7 @@ void blaze_loop_free(blaze_loop *loop)
     if (loop->unpark_ev) event_free(loop->unpark_ev);
     if (loop->pool_watch) event_free(loop->pool_watch);
     if (loop->base) event_base_free(loop->base);
-    pool_free(loop);                          /* after wake_ev: its descriptor is the pool's */
+    int left = pool_free(loop) != BLAZE_OK;   /* after wake_ev: its descriptor is the pool's */
     log_free(loop);
     for (int i = 0; i < BLAZE_KEYSETS; i++)
         free(loop->keysets[i].keys);
@@ -591,5 +591,6 @@ void blaze_loop_free(blaze_loop *loop)
     free(loop->head.buf);
     free((char *)loop->lim.tmp_dir);
     free((blaze_net *)loop->lim.trusted);
-    free(loop);
+    if (!left)
+        free(loop);       /* else a thread may still read loop->pool (now NULL) */
 }

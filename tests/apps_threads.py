@@ -101,6 +101,9 @@ def app(environ, start_response):
         body = environ["wsgi.input"].read()
         start_response("200 OK", text)
         return [body]
+    if path == "/sched":             # how the app thread is scheduled
+        start_response("200 OK", text)
+        return [f"{os.sched_getscheduler(0)} {threading.current_thread().name}".encode()]
     if path == "/env":
         keys = ("wsgi.multithread", "wsgi.multiprocess", "REMOTE_ADDR", "PATH_INFO")
         start_response("200 OK", [("Content-Type", "application/json")])

@@ -80,6 +80,15 @@ def test_multithread_flag(server_factory, tmp_path):
     assert json.loads(get(one, "/env")[2])["wsgi.multithread"] is False
 
 
+def test_app_threads_do_not_preempt_the_loop(server_factory, tmp_path):
+    """App threads run SCHED_BATCH (csrc/blaze_pool.c): woken, they wait for the loop to sleep."""
+    srv = make(server_factory, tmp_path, threads=4).start()
+    status, _, body = get(srv, "/sched")
+    policy, name = body.decode().split()
+    assert status == 200 and name.startswith("blazewsgi-app-")
+    assert int(policy) == os.SCHED_BATCH
+
+
 def test_pipelined_requests_keep_their_order(server_factory, tmp_path):
     """A slow request first, fast ones behind it on one connection: answers in request order."""
     srv = make(server_factory, tmp_path).start()
