@@ -16,6 +16,7 @@ Linux only (/proc), loopback only.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import http.client
@@ -83,6 +84,7 @@ class AppSpec:
     path: str = "/"
     expect_body: bytes = b""  # readiness check: the body must contain this
     wrk_args: tuple[str, ...] = ()  # per-workload wrk flags: a Lua script (POST body), a header
+    db_pid: int | None = None  # a database server the app uses (its CPU is measured apart from "other")
 
 
 def peers_site_packages() -> Path:
@@ -126,7 +128,7 @@ def hello(request):
 
 
 def orm(request):
-    # one indexed row read per request (SQLite, the row made at setup)
+    # one indexed row read per request (SQLite or PostgreSQL, the row made at setup)
     return HttpResponse(User.objects.only("username").get(pk=1).username)
 '''
 
@@ -139,8 +141,9 @@ urlpatterns = [path("", hello), path("orm/", orm)]
 '''
 
 
-def _django_project(scratch: Path) -> Path:
-    """`django-admin startproject`, DEBUG off, `migrate` and one user row (SQLite).
+def _django_project(scratch: Path, name: str = "djangoproj", databases: str = "") -> Path:
+    """`django-admin startproject`, DEBUG off, `migrate` and one user row (SQLite,
+    unless `databases` is a DATABASES assignment appended to the settings).
 
     Django comes from the peers venv and is put on every server's PYTHONPATH,
     so that all servers run the very same Django.
@@ -148,8 +151,8 @@ def _django_project(scratch: Path) -> Path:
     python = PEERS_VENV / "bin" / "python"
     if not _importable(python, "django"):
         raise Unavailable(f"django not installed in {PEERS_VENV} (run benchmarks/setup_peers.sh)")
-    root = scratch / "djangoproj"
-    if (root / "db.sqlite3").exists():
+    root = scratch / name
+    if (root / "ready").exists():
         return root
     root.mkdir(parents=True, exist_ok=True)
     subprocess.run([str(python), "-m", "django", "startproject", "myproject", str(root)], check=True)
@@ -159,7 +162,7 @@ def _django_project(scratch: Path) -> Path:
         if old not in text:
             raise RuntimeError(f"unexpected startproject settings: {old!r} not found")
         text = text.replace(old, new)
-    settings.write_text(text)
+    settings.write_text(text + databases)
     (root / "myproject" / "views.py").write_text(DJANGO_VIEWS)
     (root / "myproject" / "urls.py").write_text(DJANGO_URLS)
     manage = [str(python), str(root / "manage.py")]
@@ -167,6 +170,7 @@ def _django_project(scratch: Path) -> Path:
     subprocess.run([*manage, "shell", "-c",
                     "from django.contrib.auth.models import User; User.objects.create(pk=1, username='bench-user')"],
                    cwd=root, check=True)
+    (root / "ready").touch()
     return root
 
 
@@ -183,11 +187,108 @@ def django_orm_workload(scratch: Path) -> AppSpec:
                    expect_body=b"bench-user")
 
 
+# The PostgreSQL server of django-orm-pg. Connections it must accept at once:
+# ours 2 workers x BLAZE_THREADS threads (one persistent connection per thread,
+# CONN_MAX_AGE), gevent one per greenlet serving a client connection (64 or so
+# under wrk -c64), gthread 2 x GTHREADS, plus backends of the previous server
+# still exiting.
+PG_MAX_CONNECTIONS = 400
+PG_USER = "bench"
+PG_CONN_MAX_AGE = 60
+
+
+def _pg_program(name: str) -> Path | None:
+    """initdb / pg_ctl: Debian keeps them off PATH, in /usr/lib/postgresql/<major>/bin."""
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"),
+                   key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    if found:
+        return found[-1]
+    on_path = shutil.which(name)
+    return Path(on_path) if on_path else None
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster: `initdb` into a fresh dir under /tmp, `pg_ctl start`
+    listening only on a Unix socket in that dir, `pg_ctl stop` at session end.
+
+    As root, initdb and the server run as the `postgres` user (initdb refuses root), who
+    cannot reach pytest's 0700 tmp dirs: hence a dir of its own in /tmp. Trust auth
+    (only the socket, in a 0700 dir, is reachable).
+    """
+
+    def __init__(self) -> None:
+        initdb, self.pg_ctl = _pg_program("initdb"), _pg_program("pg_ctl")
+        if initdb is None or self.pg_ctl is None:
+            raise Unavailable("PostgreSQL server not installed: no initdb/pg_ctl in /usr/lib/postgresql/*/bin "
+                              "or on PATH (benchmarks/setup_peers.sh apt-installs postgresql)")
+        self.as_user: list[str] = []
+        self.dir = Path(tempfile.mkdtemp(prefix="blaze-bench-pg-", dir="/tmp"))
+        if os.geteuid() == 0:
+            try:
+                shutil.chown(self.dir, "postgres", "postgres")
+            except LookupError:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                raise Unavailable("running as root and there is no `postgres` user for initdb") from None
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        self.data, self.log = self.dir / "data", self.dir / "postgres.log"
+        self.port = 5432  # only names the socket file: no TCP listener
+        self.pid: int | None = None
+        try:
+            self._pg([str(initdb), "-D", str(self.data), "-U", PG_USER, "--auth=trust", "-E", "UTF8", "--no-sync"])
+            with open(self.data / "postgresql.conf", "a") as conf:
+                conf.write(f"\nlisten_addresses = ''\nunix_socket_directories = '{self.dir}'\nport = {self.port}\n"
+                           f"max_connections = {PG_MAX_CONNECTIONS}\n")
+            self._pg([str(self.pg_ctl), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start"])
+            atexit.register(self.stop)
+            self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        except BaseException:
+            self.stop()
+            raise
+
+    def _pg(self, argv: list[str]) -> None:
+        proc = subprocess.run([*self.as_user, *argv], capture_output=True, text=True, cwd=self.dir)
+        if proc.returncode != 0:
+            log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+            raise RuntimeError(f"{' '.join(argv[:2])} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}{log}")
+
+    def django_settings(self) -> str:
+        return (f"\nDATABASES = {{'default': {{'ENGINE': 'django.db.backends.postgresql', 'NAME': 'postgres', "
+                f"'USER': {PG_USER!r}, 'HOST': {str(self.dir)!r}, 'PORT': {self.port}, "
+                f"'CONN_MAX_AGE': {PG_CONN_MAX_AGE}}}}}\n")
+
+    def stop(self) -> None:
+        """`pg_ctl stop -m fast` (idempotent), then the dir goes."""
+        if self.dir is None:
+            return
+        if (self.data / "postmaster.pid").exists():
+            subprocess.run([*self.as_user, str(self.pg_ctl), "-D", str(self.data), "-m", "fast", "-w", "stop"],
+                           capture_output=True, cwd=self.dir)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir = None
+
+
+@functools.cache
+def postgres() -> Postgres:
+    """The session's PostgreSQL server, started on first use (a failed start is retried)."""
+    return Postgres()
+
+
+def django_orm_pg_workload(scratch: Path) -> AppSpec:
+    """The django-orm view against a real PostgreSQL (psycopg 3, a persistent connection per thread)."""
+    if not _importable(PEERS_VENV / "bin" / "python", "psycopg"):
+        raise Unavailable(f"psycopg not installed in {PEERS_VENV} (run benchmarks/setup_peers.sh psycopg)")
+    pg = postgres()
+    root = _django_project(scratch, "djangoproj-pg", pg.django_settings())
+    return AppSpec("myproject.wsgi:application", root, [root, peers_site_packages()], path="/orm/",
+                   expect_body=b"bench-user", db_pid=pg.pid)
+
+
 WORKLOADS: dict[str, Callable[[Path], AppSpec]] = {
     "hello": hello_workload,
     "hello-close": hello_close_workload,
     "django": django_workload,
     "django-orm": django_orm_workload,
+    "django-orm-pg": django_orm_pg_workload,
     "sleep10ms": sleep_workload,
     "get-1mib": big_response_workload,
     "post-1mib": post_workload,
@@ -468,7 +569,8 @@ LAUNCHERS: dict[str, Launcher] = {l.name: l for l in [
     _peer("gunicorn-gthread", _gunicorn("gthread", "--threads", str(GTHREADS)), ("gunicorn",), "gunicorn",
           note=f"--threads {GTHREADS}"),
     _peer("gunicorn-gevent", _gunicorn("gevent"), ("gunicorn", "gevent"), "gunicorn",
-          packages=("gunicorn", "gevent"), note="1000 greenlets per worker (default)"),
+          packages=("gunicorn", "gevent"), note="1000 greenlets per worker (default); on PostgreSQL, psycopg 3 "
+          "waits green under gevent's monkey-patching (no psycogreen), a connection per greenlet"),
     _peer("waitress", _waitress, ("waitress",), "waitress", max_workers=1, note="1 process, 4 threads (default)"),
     _peer("gunicorn-sync+nginx", _gunicorn("sync"), ("gunicorn",), "gunicorn", via_nginx=True,
           note="nginx (1 worker) -> Unix socket"),
@@ -796,9 +898,12 @@ class Server:
 
     def measure(self, seconds: int, threads: int = 1) -> dict:
         """One wrk run; server CPU is the /proc delta of the process tree(s) around it."""
+        db = self.spec.db_pid
         ticks0, busy0 = self._ticks(), machine_busy_seconds()
+        db0 = tree_cpu_ticks(db) if db else {}
         result = run_wrk(self.url, seconds, threads, self.connections, extra=self.spec.wrk_args)
         ticks1, busy = self._ticks(), machine_busy_seconds() - busy0
+        db1 = tree_cpu_ticks(db) if db else {}
         cpu = (sum(ticks1.values()) - sum(ticks0.values())) / CLK_TCK
         # per process, to see how the load spread over workers (keep-alive
         # connections stay with the worker that accepted them)
@@ -814,9 +919,14 @@ class Server:
                 self.procs[1].pid).items()) / CLK_TCK, 3)
         result["cpu_s"] = round(cpu, 3)
         result["server_cpu_util"] = round(cpu / result["duration_s"], 3)  # 1.0 = one core busy
-        # cores busy with neither server nor wrk (other jobs, unattributed kernel time):
-        # a high value flags a run disturbed by the shared machine
-        result["other_cpu_util"] = round(busy / result["duration_s"] - result["server_cpu_util"]
+        # the app's database server (postmaster and its backends), when the workload has one
+        db_cpu = (sum(db1.values()) - sum(db0.values())) / CLK_TCK
+        if db:
+            result["db_cpu_util"] = round(db_cpu / result["duration_s"], 3)
+            result["db_cpu_us_per_req"] = round(db_cpu * 1e6 / result["requests"], 3) if result["requests"] else None
+        # cores busy with neither server, its database nor wrk (other jobs, unattributed
+        # kernel time): a high value flags a run disturbed by the shared machine
+        result["other_cpu_util"] = round((busy - db_cpu) / result["duration_s"] - result["server_cpu_util"]
                                          - result["wrk_cpu_util"], 3)
         result["cpu_us_per_req"] = round(cpu * 1e6 / result["requests"], 3) if result["requests"] else None
         result["errors"] = sum(result["socket_errors"].values()) + result["non_2xx_3xx"]
@@ -1085,7 +1195,9 @@ def _run_row(r: dict) -> list[str]:
     return row + [
         _fmt(r["rps"]), _fmt(r.get("latency_p50_ms"), ".2f"), _fmt(r.get("latency_p99_ms"), ".2f"),
         str(r.get("errors", 0)), _fmt(r["cpu_us_per_req"], ".1f"),
-        _fmt(r["server_cpu_util"], ".2f"), _fmt(r["wrk_cpu_util"], ".2f"), _fmt(r.get("other_cpu_util"), ".2f"),
+        # the database's share, when the app has one, next to the server's
+        _fmt(r["server_cpu_util"], ".2f") + (f" (+{r['db_cpu_util']:.2f} db)" if "db_cpu_util" in r else ""),
+        _fmt(r["wrk_cpu_util"], ".2f"), _fmt(r.get("other_cpu_util"), ".2f"),
         " / ".join(f"{c:.2f}" for c in r.get("cpu_util_by_proc", [])[:6]),
         f"{r['rss_hwm_kb_total'] / 1024:.1f} / {r['rss_hwm_kb_max'] / 1024:.1f}",
         _fmt(r.get("rss_per_worker_kb") and r["rss_per_worker_kb"] / 1024, ".1f"),

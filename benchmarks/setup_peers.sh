@@ -30,6 +30,10 @@ PEERS=(
   "granian|bin:granian|granian"
   "waitress|import:waitress|waitress"
   "django|import:django|django"
+  # Django's PostgreSQL driver for the django-orm-pg case (psycopg 3: green under
+  # gevent's monkey-patching by itself since 3.1.14, no psycogreen); the server
+  # comes from apt below
+  "psycopg|import:psycopg|psycopg[binary]"
   # not a server: report.py draws benchmarks/results.png with this venv's python
   "matplotlib|import:matplotlib|matplotlib"
 )
@@ -39,10 +43,15 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 # --- system packages: wrk (load generator), libev-dev (bjoern's and meinheld's
 # C build), python3-dev + gcc (uWSGI and other source builds), nginx (ceiling
-# and front proxy). nginx must not start a system service: RUNLEVEL=1.
+# and front proxy), and postgresql (the server django-orm-pg starts in a
+# scratch dir of its own) only when psycopg is wanted, so that the CI smoke
+# pass (`setup_peers.sh bjoern`) does not pull it in. Neither must start a
+# system service: RUNLEVEL=1.
+apt_pkgs=(libev-dev python3-dev gcc nginx)
+if [ $# -eq 0 ] || [[ " $* " == *" psycopg "* ]]; then apt_pkgs+=(postgresql); fi
 need_apt=()
 command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
-for pkg in libev-dev python3-dev gcc nginx; do
+for pkg in "${apt_pkgs[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -50,7 +59,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
     apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 else
-  echo "== wrk, libev-dev, python3-dev, gcc, nginx already installed"
+  echo "== wrk, ${apt_pkgs[*]} already installed"
 fi
 if ! command -v wrk >/dev/null 2>&1; then
   echo "ERROR: wrk is not installed; no benchmark can run" >&2
@@ -124,7 +133,7 @@ fi
 echo
 echo "== peers venv: $VENV"
 "$VENV/bin/pip" list 2>/dev/null \
-  | grep -i -E "^(bjoern|gunicorn|gevent|uwsgi|fastwsgi|meinheld|granian|waitress|django|matplotlib) " || true
+  | grep -i -E "^(bjoern|gunicorn|gevent|uwsgi|fastwsgi|meinheld|granian|waitress|django|psycopg|matplotlib) " || true
 if [ ${#failed[@]} -gt 0 ]; then
   echo "!! FAILED TO INSTALL: ${failed[*]}  (benchmarks will report them as 'not installed')"
 else

@@ -39,6 +39,12 @@ COMPARISONS = [
         Target("rps", 1.0), Target("rps", 2.0, ("gunicorn-sync",)), Target("p99", 1.0))),
     Comparison("django-orm", 2, "blazewsgi", PEERS_2W, title="Django ORM read (SQLite)",
                targets=(Target("rps", 1.0),)),
+    # issue 6: one ORM read from a real PostgreSQL (started by the harness), threads = 64 per
+    # worker and a persistent connection per thread; ours with threads = 8 and off, for reference
+    Comparison("django-orm-pg", 2, "blazewsgi-threads", ("gunicorn-gthread", "gunicorn-gevent", "granian",
+                                                         "blazewsgi-threads8", "blazewsgi"),
+               title="Django ORM read (PostgreSQL)",
+               targets=(Target("rps", 1.0, ("gunicorn-gthread", "gunicorn-gevent")),)),
     # issue 6: threads = 64 per worker; the ceiling (0.95x connections or threads / 10 ms) is in
     # the report's notes, the peers' bar here
     Comparison("sleep10ms", 2, "blazewsgi-threads", PEERS_2W, connections=64, title="10 ms sleep view",
