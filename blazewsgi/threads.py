@@ -17,8 +17,8 @@ STREAM); once they are written the loop queues the connection again and
 a thread goes on with the iterator, so no thread waits on a slow client.
 
 Backpressure is C's: at most two requests per thread are in the pool
-(one running, one queued); further complete requests are parked unread
-and the worker stops accepting (csrc/blaze_loop.c).  A client that leaves
+(one running, one queued); further complete requests are parked unread,
+first come first served (csrc/blaze_loop.c).  A client that leaves
 while its request is queued is dropped without calling the app; one that
 leaves while a thread has it makes the response's writes fail, and the
 app's iterable is closed as with threads = 1.

@@ -454,8 +454,8 @@ static int dispatch(blaze_conn *c)
 {
     blaze_loop *loop = c->loop;
     int threaded = loop->lim.threads > 1;
-    if (threaded && loop_jobs_full(loop)) {
-        loop_park(loop, c);           /* read off: this client waits, unread */
+    if (threaded && (loop_jobs_full(loop) || (loop->parked && c->state != CONN_PARKED))) {
+        loop_park(loop, c);           /* read off: this client waits, unread, in line */
         read_off(c);
         timer_set(c, TIMER_NONE);
         return -1;

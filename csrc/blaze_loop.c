@@ -24,11 +24,15 @@
 #include <unistd.h>
 #include <sys/socket.h>
 
-/* Accept more only when there is room: not stopping, under max_connections,
- * and (threads > 1) no complete request waiting for the pool. */
+/* Accept more only when there is room: not stopping, under max_connections.
+ * (With threads > 1 a full pool does not stop accepting: a connection left
+ * in the listen queue would wait behind every request that keeps coming on
+ * connections already accepted, for as long as the load lasts.  New ones
+ * queue in line instead, and accept balancing steers them to less loaded
+ * workers.) */
 static int may_accept(const blaze_loop *loop)
 {
-    return !loop->stopping && loop->nconns < loop->lim.max_connections && loop->parked == NULL;
+    return !loop->stopping && loop->nconns < loop->lim.max_connections;
 }
 
 static void listen_events(blaze_loop *loop, int on)
@@ -291,9 +295,9 @@ static void on_grace_over(evutil_socket_t fd, short what, void *arg)
  * Complete requests go to the app threads through blaze_pool.c; when a
  * thread hands one back it writes the eventfd, and the loop writes the
  * responses (on_wake).  At most two requests per thread are in the pool
- * (one running, one queued); a further complete request is parked, unread
- * input stays in the socket, and accepting pauses, so other workers take
- * the new connections. */
+ * (one running, one queued); a further complete request is parked, its
+ * unread input stays in the socket, and parked requests go to the pool in
+ * the order they completed (dispatch parks behind any already waiting). */
 int loop_jobs_full(const blaze_loop *loop)
 {
     return loop->jobs >= 2 * loop->lim.threads;
@@ -308,7 +312,6 @@ void loop_park(blaze_loop *loop, blaze_conn *c)
     else
         loop->parked = c;
     loop->parked_tail = c;
-    set_accepting(loop, 0);
 }
 
 void loop_unpark_remove(blaze_loop *loop, blaze_conn *c)

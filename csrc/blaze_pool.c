@@ -29,15 +29,17 @@
  * Waking threads.  An idle thread sleeps on its own semaphore, on a stack
  * (the last to go idle is the first woken: its cache is warm), and a job
  * is handed to it directly, so a woken thread never queues on the pool's
- * lock.  Python runs one thread at a time (the GIL), so for
- * views that don't wait, a second awake thread only adds GIL hand-offs and
- * context switches: one thread going from job to job without sleeping is
- * fastest.  For views that wait (a database, a sleep), every job needs a
- * thread of its own.  The pool tells them apart by how long jobs take (a
- * moving average): a job gets an idle thread woken for it if jobs are slow,
- * or if no thread is awake to take it.  A fast-looking job that then waits
- * cannot strand the queue: the loop's check (pool_check, every millisecond
- * while jobs wait) wakes a thread for a job that has waited that long.
+ * lock.  Python runs one thread at a time (the GIL), so a second awake
+ * thread helps only while the first waits (a database, a sleep); while the
+ * first computes, it only adds GIL hand-offs and context switches.  So a
+ * queued job gets an idle thread woken for it when no thread is awake, or
+ * when jobs are slow (a moving average of their time) and the app threads
+ * leave the GIL room: their CPU time over the last 10 ms, from
+ * CLOCK_THREAD_CPUTIME_ID, is under 3/4 of a core.  A view that computes
+ * (Django on a local database) then runs on one or two threads, a view that
+ * waits (10 ms of sleep) gets a thread per request.  A job never strands:
+ * the loop's check (pool_check, every millisecond while jobs wait) wakes a
+ * thread for a job that has waited that long.
  */
 #include "blaze.h"
 
@@ -53,8 +55,12 @@
 #include <time.h>
 #include <unistd.h>
 
-/* Jobs averaging more than this are "slow": each gets a thread at once. */
+/* Jobs averaging less than this just wait for the awake thread. */
 #define POOL_SLOW_NS 200000ULL
+/* Above this share of a core, the app threads' CPU leaves no room in the GIL. */
+#define POOL_GIL_FULL 0.75
+/* The window over which that share is measured. */
+#define POOL_WINDOW_NS 10000000ULL
 /* A queued job waits at most about this long for a busy thread. */
 #define POOL_STALL_NS 1000000ULL
 
@@ -62,6 +68,7 @@ typedef struct {
     sem_t wake;                               /* posted when job is set, or at stop */
     blaze_conn *job;                          /* handed over by pool_submit / pool_check */
     blaze_head head;                          /* this thread's response head buffer */
+    uint64_t cpu;                             /* its CPU time when it last handed a job back */
 } pool_thread;
 
 struct blaze_pool {
@@ -72,6 +79,8 @@ struct blaze_pool {
     int nidle;
     int running;                              /* jobs a thread has (taken, or handed over) */
     uint64_t avg_ns;                          /* moving average of a job's time in a thread */
+    uint64_t win_start, win_cpu;              /* the app threads' CPU time in this window */
+    int gil_full;                             /* ... was over POOL_GIL_FULL in the last one */
     int notified;                             /* wake_fd written since the loop last took done */
     int stop;                                 /* the loop is gone: threads return 0 */
     int wake_fd;                              /* owned: eventfd the loop watches */
@@ -162,11 +171,16 @@ int pool_free(blaze_loop *loop)
     return BLAZE_OK;
 }
 
-static uint64_t now_ns(void)
+static uint64_t clock_ns(clockid_t clock)
 {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(clock, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t now_ns(void)
+{
+    return clock_ns(CLOCK_MONOTONIC);
 }
 
 /* Under the lock: c goes to thread i (c->taken from now on). */
@@ -183,7 +197,9 @@ static void hand_over(blaze_pool *p, int i, blaze_conn *c, uint64_t now)
  * caller posts its semaphore after unlocking.  -1: c waits in todo. */
 static int pick_thread(blaze_pool *p, int stalled)
 {
-    if (p->nidle == 0 || (p->running > 0 && p->avg_ns < POOL_SLOW_NS && !stalled))
+    if (p->nidle == 0)
+        return -1;
+    if (p->running > 0 && !stalled && (p->avg_ns < POOL_SLOW_NS || p->gil_full))
         return -1;
     return p->idle[--p->nidle];
 }
@@ -287,9 +303,18 @@ int blaze_pool_next(blaze_loop *loop, int thread, blaze_conn *done, int rc, blaz
         return 0;
     pool_thread *me = &p->threads[thread];
     uint64_t now = now_ns();
+    uint64_t cpu = clock_ns(CLOCK_THREAD_CPUTIME_ID);   /* does not advance while it sleeps */
     int notify = 0;
     blaze_conn *c = NULL;
     pthread_mutex_lock(&p->mu);
+    if (me->cpu != 0)                      /* not its first call: what it used since the last */
+        p->win_cpu += cpu - me->cpu;
+    me->cpu = cpu;
+    if (now - p->win_start >= POOL_WINDOW_NS) {
+        p->gil_full = (double)p->win_cpu > POOL_GIL_FULL * (double)(now - p->win_start);
+        p->win_start = now;
+        p->win_cpu = 0;
+    }
     if (done != NULL) {
         uint64_t took = now - done->t_taken;
         p->avg_ns = p->avg_ns - p->avg_ns / 8 + took / 8;

@@ -178,6 +178,41 @@ def test_backpressure_bounds_requests_with_python(server_factory, tmp_path):
     assert max(seen) >= 2, f"the pool never filled: {seen}"
 
 
+def test_a_new_client_is_served_while_the_pool_is_full(server_factory, tmp_path):
+    """threads=2 (4 requests in the pool), 10 keep-alive clients asking without pause: requests
+    always wait in line.  A client that connects now still gets its turn, behind the requests already
+    waiting, instead of waiting unaccepted for as long as the others keep asking."""
+    srv = make(server_factory, tmp_path, threads=2).start()
+    stop = threading.Event()
+
+    def hammer():
+        c = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=20)
+        n = 0
+        while not stop.is_set():
+            c.request("GET", "/sleep?s=0.05")
+            r = c.getresponse()
+            assert r.status == 200
+            r.read()
+            n += 1
+        c.close()
+        return n
+
+    with concurrent.futures.ThreadPoolExecutor(10) as ex:
+        futs = [ex.submit(hammer) for _ in range(10)]
+        try:
+            time.sleep(0.5)              # the pool is full and requests wait in line
+            t0 = time.monotonic()
+            status, _, _ = get(srv, "/sleep?s=0.05", timeout=5)
+            took = time.monotonic() - t0
+        finally:
+            stop.set()
+        counts = [f.result() for f in futs]
+    assert status == 200
+    assert min(counts) >= 3, counts
+    # in line behind at most 10 others, 2 at a time: about 6 x 50 ms
+    assert took < 1.5, f"a new client waited {took:.2f} s while the others kept the pool full"
+
+
 def test_streaming_write_file_wrapper_and_errors(server_factory, tmp_path):
     srv = make(server_factory, tmp_path, threads=4).start()
     status, headers, body = get(srv, "/gen?n=160&kb=64")        # 10 MiB through the batches
