@@ -303,11 +303,13 @@ int blaze_pool_next(blaze_loop *loop, int thread, blaze_conn *done, int rc, blaz
         return 0;
     pool_thread *me = &p->threads[thread];
     uint64_t now = now_ns();
-    uint64_t cpu = clock_ns(CLOCK_THREAD_CPUTIME_ID);   /* does not advance while it sleeps */
+    /* The GIL's room matters only for slow jobs; the clock costs a system call. */
+    int slow = __atomic_load_n(&p->avg_ns, __ATOMIC_RELAXED) >= POOL_SLOW_NS;
+    uint64_t cpu = slow ? clock_ns(CLOCK_THREAD_CPUTIME_ID) : 0;   /* stands still while it sleeps */
     int notify = 0;
     blaze_conn *c = NULL;
     pthread_mutex_lock(&p->mu);
-    if (me->cpu != 0)                      /* not its first call: what it used since the last */
+    if (slow && me->cpu != 0)              /* what it used since its last call */
         p->win_cpu += cpu - me->cpu;
     me->cpu = cpu;
     if (now - p->win_start >= POOL_WINDOW_NS) {
@@ -317,7 +319,7 @@ int blaze_pool_next(blaze_loop *loop, int thread, blaze_conn *done, int rc, blaz
     }
     if (done != NULL) {
         uint64_t took = now - done->t_taken;
-        p->avg_ns = p->avg_ns - p->avg_ns / 8 + took / 8;
+        __atomic_store_n(&p->avg_ns, p->avg_ns - p->avg_ns / 8 + took / 8, __ATOMIC_RELAXED);
         me->head.conn = NULL;             /* an unsent head (the app failed) dies with the job */
         done->job_rc = rc;
         done->pool_next = NULL;
