@@ -39,10 +39,9 @@ COMPARISONS = [
         Target("rps", 1.0), Target("rps", 2.0, ("gunicorn-sync",)), Target("p99", 1.0))),
     Comparison("django-orm", 2, "blazewsgi", PEERS_2W, title="Django ORM read (SQLite)",
                targets=(Target("rps", 1.0),)),
-    # issue 6: one ORM read from a real PostgreSQL (started by the harness), threads = 64 per
-    # worker and a persistent connection per thread; ours with threads = 8 and off, for reference
-    # ours with threads = 8: a database app sizes its threads to its connection pool
-    # (gthread runs 4); threads = 128 and threads = 1 are shown for reference
+    # issue 6: one ORM read from a real PostgreSQL (started by the harness), a persistent
+    # connection per thread; ours with threads = 8, as a database app sizes its threads to its
+    # connection pool (gthread runs 4); threads = 128 and threads = 1 for reference
     Comparison("django-orm-pg", 2, "blazewsgi-threads8", ("gunicorn-gthread", "gunicorn-gevent", "granian",
                                                           "blazewsgi-threads", "blazewsgi"),
                title="Django ORM read (PostgreSQL)",
