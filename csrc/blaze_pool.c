@@ -244,15 +244,18 @@ int pool_check(blaze_loop *loop)
 {
     blaze_pool *p = loop->pool;
     uint64_t now = now_ns();
-    int i = -1;
+    int woken[64], n = 0, i;
     pthread_mutex_lock(&p->mu);
-    int waiting = p->todo != NULL;
-    if (waiting && now - p->todo->t_queued >= POOL_STALL_NS && (i = pick_thread(p, 1)) >= 0)
+    /* Every job that has waited that long gets a thread (64 per check at most). */
+    while (n < 64 && p->todo != NULL && now - p->todo->t_queued >= POOL_STALL_NS &&
+           (i = pick_thread(p, 1)) >= 0) {
         hand_over(p, i, pop_todo(p), now);
-    waiting = p->todo != NULL;
+        woken[n++] = i;
+    }
+    int waiting = p->todo != NULL;
     pthread_mutex_unlock(&p->mu);
-    if (i >= 0)
-        sem_post(&p->threads[i].wake);
+    for (int k = 0; k < n; k++)
+        sem_post(&p->threads[woken[k]].wake);
     return waiting;
 }
 

@@ -89,6 +89,24 @@ def test_app_threads_do_not_preempt_the_loop(server_factory, tmp_path):
     assert int(policy) == os.SCHED_BATCH
 
 
+def test_a_fast_view_that_blocks_does_not_strand_the_queue(server_factory, tmp_path):
+    """Fast views run on one awake thread; when one of them blocks, the request queued behind
+    it gets another thread within about a millisecond (blaze_pool.c: pool_check), not when
+    the blocked one returns."""
+    srv = make(server_factory, tmp_path, threads=4).start()
+    for _ in range(50):                  # the pool learns that jobs are fast
+        assert get(srv, "/")[0] == 200
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        slow = ex.submit(get, srv, "/sleep?s=2")
+        time.sleep(0.2)                  # the awake thread is now inside the 2 s call
+        t0 = time.monotonic()
+        status, _, body = get(srv, "/")
+        took = time.monotonic() - t0
+        assert slow.result()[0] == 200
+    assert status == 200 and body == b"hello"
+    assert took < 1.0, f"the second request waited {took:.2f} s behind the blocked one"
+
+
 def test_pipelined_requests_keep_their_order(server_factory, tmp_path):
     """A slow request first, fast ones behind it on one connection: answers in request order."""
     srv = make(server_factory, tmp_path).start()
