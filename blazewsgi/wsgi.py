@@ -250,22 +250,6 @@ def _not_bytes(chunk):
     raise TypeError(f"the application yielded {type(chunk).__name__}, not bytes")
 
 
-def _simple_head(r):
-    """Status and header block of a one-item response, encoded for C."""
-    if r.status is None:
-        raise AssertionError("the application returned without calling start_response()")
-    return r.status.encode("latin-1"), _header_block(r.headers)
-
-
-def _send_simple(r, conn, body):
-    """A one-item list of bytes: status, headers and body in one write."""
-    st, hb = _simple_head(r)
-    if _resp_simple(conn, st, len(st), hb, len(hb), len(r.headers), body, len(body),
-                    r.err, 256) != 0:
-        _refused(r)
-    return DONE
-
-
 def _finish(r):
     """The response is out: close what needs closing, keep r for the next request."""
     if type(r.result) is not list or r.input is not None:
@@ -306,13 +290,15 @@ def _body_input(r, req):
 
 
 _keysets = [None] * lib.BLAZE_KEYSETS_PY   # slot -> tuple of interned CGI names (see C keyset_slot)
-_keygens = [0] * lib.BLAZE_KEYSETS_PY      # slot -> C's generation of that tuple
+# threads > 1: slot -> (C's generation of the slot, its tuple), stored in one assignment so
+# that a thread never pairs one learner's generation with another's names
+_keysets_gen = [(0, None)] * lib.BLAZE_KEYSETS_PY
 
 
 def _learn_keys(slot, req):
     keys = tuple(sys.intern(k) for k in _unpack(req.keys, req.keys_len).decode("latin-1").split("\0"))
-    _keygens[slot] = req.keygen
     _keysets[slot] = keys
+    _keysets_gen[slot] = (req.keygen, keys)
     return keys
 
 
@@ -331,11 +317,10 @@ def _serve(conn, req):
     environ = _bases[req.listener].copy()
     slot = req.keyset
     if slot < 0:
-        slot = -slot - 1
-        keys = _learn_keys(slot, req)
+        keys = _learn_keys(-slot - 1, req)
     else:
-        keys = _keysets[slot]
-        if _keygens[slot] != req.keygen or keys is None:
+        gen, keys = _keysets_gen[slot]
+        if gen != req.keygen:
             keys = _learn_keys(slot, req)
     environ.update(zip(keys, _unpack(req.values, req.values_len).decode("latin-1").split("\0")))
     return _respond(conn, environ, req, True)
@@ -355,10 +340,15 @@ def _respond(conn, environ, req, defer=False):
         r.result = result = _app(environ, r.start)
         if type(result) is list and len(result) == 1 and r.status is not None and not r.sent:
             body = result[0]
-            if type(body) is bytes:
+            if type(body) is bytes:       # status, headers and body in one write
+                st = r.status.encode("latin-1")
+                hb = _header_block(r.headers)
                 if defer:
-                    return (r, *_simple_head(r), body)
-                rc = _send_simple(r, conn, body)
+                    return r, st, hb, body
+                if _resp_simple(conn, st, len(st), hb, len(hb), len(r.headers), body, len(body),
+                                r.err, 256) != 0:
+                    _refused(r)
+                rc = DONE
             else:
                 rc = _run_general(r, result)
         else:

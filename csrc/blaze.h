@@ -85,6 +85,13 @@ typedef struct {
 
 typedef struct blaze_pool blaze_pool;
 
+/* A FIFO of connections linked through c->queue_next: the loop's parked
+ * requests, the pool's jobs and its done list.  A connection is in at most
+ * one (PARKED and THREAD exclude each other).  Functions in blaze_conn.c. */
+typedef struct {
+    blaze_conn *head, *tail;                  /* borrowed */
+} blaze_queue;
+
 typedef struct {
     blaze_loop *loop;                         /* borrowed */
     int fd;                                   /* the master's socket: not closed here */
@@ -130,7 +137,7 @@ struct blaze_loop {
     unsigned long long responses;             /* completed, for max_requests and the slot */
     /* threads > 1: requests held by the thread pool, and those waiting for room. */
     int jobs;
-    blaze_conn *parked, *parked_tail;         /* borrowed: FIFO through park_next */
+    blaze_queue parked;                       /* complete requests waiting for room in the pool */
     blaze_pool *pool;                         /* owned (blaze_pool.c) */
     struct event *wake_ev, *unpark_ev;        /* owned */
     struct event *pool_watch;                 /* owned: pool_check while jobs wait */
@@ -152,16 +159,17 @@ struct blaze_conn {
     unsigned closing : 1;                     /* close once the output drains */
     unsigned py_stream : 1;                   /* Python holds state for us (a STREAM) */
     unsigned job : 1;                         /* threads > 1: counted in loop->jobs */
-    blaze_conn *park_next;                    /* in loop->parked (CONN_PARKED) */
+    blaze_conn *queue_next;                   /* in a blaze_queue (parked, or the pool's) */
     double t_job;                             /* CONN_THREAD since (the hung-request clock) */
     /* threads > 1, while CONN_THREAD (blaze_pool.c).  An app thread that has
      * taken c (taken = 1) owns the response fields and c->out; the loop owns
      * everything else and frees c only once the thread has handed it back. */
-    blaze_conn *pool_next;                    /* in the pool's queue or its done list */
     int job_kind;                             /* BLAZE_JOB_REQUEST or BLAZE_JOB_RESUME */
     int job_rc;                               /* what the thread's Python call returned */
     blaze_request job_req;                    /* the request, pointing into env and c's buffers */
-    char *env;                                /* owned: the environ block the thread reads */
+    char *env;                                /* owned: the environ block the thread reads
+                                               * (http_build_environ writes it here, not in
+                                               * the loop's scratch, which the next request reuses) */
     size_t env_cap;
     blaze_head *thread_head;                  /* the taking thread's head buffer (the pool's) */
     size_t thread_out;                        /* bytes the thread wrote itself (counted by the loop) */
@@ -169,7 +177,7 @@ struct blaze_conn {
     unsigned taken : 1;                       /* an app thread has it (under the pool's lock) */
     unsigned thread_broken : 1;               /* the socket failed in the thread: freed on return */
     int gone;                                 /* the client left while taken (atomic) */
-    uint64_t t_queued, t_taken;               /* CLOCK_MONOTONIC ns: queued, and taken by a thread */
+    uint64_t t_taken;                         /* CLOCK_MONOTONIC ns it was taken by a thread (queued: t_job) */
     unsigned long long served;                /* responses completed on this connection */
     struct evbuffer *out;                     /* owned, created on the first short write */
 
@@ -243,14 +251,15 @@ struct blaze_conn {
 void loop_conn_opened(blaze_loop *loop, blaze_conn *c);
 void loop_conn_closed(blaze_loop *loop, blaze_conn *c);
 void loop_maybe_exit(blaze_loop *loop);
-int loop_scratch_reserve(blaze_loop *loop, size_t need);
+/* Grow *buf (owned by the caller, *cap bytes) to at least need bytes. */
+int buf_reserve(char **buf, size_t *cap, size_t need);
 extern char blaze_date_header[64];
 
 void loop_stop_graceful(blaze_loop *loop);
 /* threads > 1: the pool has no room (2 requests per thread: running + queued). */
 int loop_jobs_full(const blaze_loop *loop);
 void loop_park(blaze_loop *loop, blaze_conn *c);
-void loop_unpark_remove(blaze_loop *loop, blaze_conn *c);
+
 void loop_unpark_later(blaze_loop *loop);
 /* A job was queued: make sure the loop looks for stalled jobs (pool_check). */
 void loop_watch_pool(blaze_loop *loop);
@@ -309,6 +318,9 @@ int conn_send(blaze_conn *c, const struct iovec *iov, int n);
 void conn_send_error(blaze_conn *c, int status, const char *why);
 void conn_broken(blaze_conn *c);
 void conn_want_write(blaze_conn *c);
+void queue_push(blaze_queue *q, blaze_conn *c);
+blaze_conn *queue_pop(blaze_queue *q);              /* NULL when empty */
+int queue_remove(blaze_queue *q, blaze_conn *c);    /* 1 if c was in q */
 /* threads > 1: c's app thread handed it back with rc (as from blaze_py_request). */
 void conn_job_ready(blaze_conn *c, int rc);
 /* Has c's socket failed, or (in a thread) its client left? */
@@ -325,8 +337,8 @@ void pool_submit(blaze_loop *loop, blaze_conn *c, int kind);
 /* The client left: 1 if c was still queued (removed: free it now), 0 if a
  * thread has it (marked gone: it comes back through the done list). */
 int pool_cancel(blaze_loop *loop, blaze_conn *c);
-/* Detach the connections the threads handed back, in order (via pool_next). */
-blaze_conn *pool_take_done(blaze_loop *loop);
+/* Detach the connections the threads handed back, in order. */
+blaze_queue pool_take_done(blaze_loop *loop);
 int pool_wake_fd(const blaze_loop *loop);
 /* Wake a thread for a job queued too long behind busy ones; 1 while jobs wait. */
 int pool_check(blaze_loop *loop);

@@ -166,6 +166,44 @@ static void job_end(blaze_conn *c)
     }
 }
 
+void queue_push(blaze_queue *q, blaze_conn *c)
+{
+    c->queue_next = NULL;
+    if (q->tail)
+        q->tail->queue_next = c;
+    else
+        q->head = c;
+    q->tail = c;
+}
+
+blaze_conn *queue_pop(blaze_queue *q)
+{
+    blaze_conn *c = q->head;
+    if (c == NULL)
+        return NULL;
+    q->head = c->queue_next;
+    if (q->head == NULL)
+        q->tail = NULL;
+    c->queue_next = NULL;
+    return c;
+}
+
+int queue_remove(blaze_queue *q, blaze_conn *c)
+{
+    blaze_conn **p = &q->head, *prev = NULL;
+    while (*p && *p != c) {
+        prev = *p;
+        p = &(*p)->queue_next;
+    }
+    if (*p == NULL)
+        return 0;
+    *p = c->queue_next;
+    if (q->tail == c)
+        q->tail = prev;
+    c->queue_next = NULL;
+    return 1;
+}
+
 void conn_free(blaze_conn *c)
 {
     blaze_loop *loop = c->loop;
@@ -177,7 +215,7 @@ void conn_free(blaze_conn *c)
         blaze_py_abort(c->id);      /* Python closes the app's iterable */
     }
     if (c->state == CONN_PARKED)
-        loop_unpark_remove(loop, c);
+        queue_remove(&loop->parked, c);
     job_end(c);
     if (loop->head.conn == c)
         loop->head.conn = NULL;
@@ -431,30 +469,11 @@ static void to_thread(blaze_conn *c, int kind)
     loop_watch_pool(c->loop);
 }
 
-/* The environ block into c->env: the loop's scratch is reused by the next
- * request before the thread reads it. */
-static int keep_environ(blaze_conn *c, blaze_request *req)
-{
-    size_t need = req->keys_len + req->values_len + 2;
-    if (need > c->env_cap) {
-        char *env = realloc(c->env, need);
-        if (env == NULL)
-            return BLAZE_ERR;
-        c->env = env;
-        c->env_cap = need;
-    }
-    memcpy(c->env, req->keys, req->keys_len + 1);
-    memcpy(c->env + req->keys_len + 1, req->values, req->values_len + 1);
-    req->keys = c->env;
-    req->values = c->env + req->keys_len + 1;
-    return BLAZE_OK;
-}
-
 static int dispatch(blaze_conn *c)
 {
     blaze_loop *loop = c->loop;
     int threaded = loop->lim.threads > 1;
-    if (threaded && (loop_jobs_full(loop) || (loop->parked && c->state != CONN_PARKED))) {
+    if (threaded && (loop_jobs_full(loop) || (loop->parked.head && c->state != CONN_PARKED))) {
         loop_park(loop, c);           /* read off: this client waits, unread, in line */
         read_off(c);
         timer_set(c, TIMER_NONE);
@@ -464,10 +483,6 @@ static int dispatch(blaze_conn *c)
     int st = http_build_environ(c, &req);
     if (st != 0) {
         conn_send_error(c, st, st == 400 ? "invalid request target" : NULL);
-        return -1;
-    }
-    if (threaded && keep_environ(c, &req) != BLAZE_OK) {
-        conn_send_error(c, 500, NULL);
         return -1;
     }
     c->state = CONN_APP;

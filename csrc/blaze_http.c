@@ -700,9 +700,11 @@ int http_build_environ(blaze_conn *c, blaze_request *req)
     /* Keys: at most the head plus "HTTP_" per header and the fixed names.
      * Values: at most the head plus the target twice (PATH_INFO, QUERY_STRING). */
     size_t half = 2 * head + 6 * (size_t)c->nhdrs + 512 + c->tls_dn_len;
-    if (loop_scratch_reserve(loop, 2 * half) != BLAZE_OK)
+    int threaded = loop->lim.threads > 1;
+    char **block = threaded ? &c->env : &loop->scratch;
+    if (buf_reserve(block, threaded ? &c->env_cap : &loop->scratch_cap, 2 * half) != BLAZE_OK)
         return 500;
-    envw w = {loop->scratch, loop->scratch + half};
+    envw w = {*block, *block + half};
     /* The base environ in Python holds REQUEST_METHOD=GET,
      * SERVER_PROTOCOL=HTTP/1.1 and QUERY_STRING="": only other values are
      * sent, since every pair costs the worker a dict insertion. */
@@ -816,9 +818,9 @@ int http_build_environ(blaze_conn *c, blaze_request *req)
     }
 
     /* PATH_INFO is always there, so neither block is empty; drop the last NUL. */
-    req->keys = loop->scratch;
-    req->keys_len = (size_t)(w.k - loop->scratch) - 1;
-    req->values = loop->scratch + half;
+    req->keys = *block;
+    req->keys_len = (size_t)(w.k - *block) - 1;
+    req->values = *block + half;
     req->values_len = (size_t)(w.v - req->values) - 1;
     req->keyset = keyset_slot(loop, req->keys, req->keys_len);
     req->keygen = loop->keysets[req->keyset >= 0 ? req->keyset : -req->keyset - 1].gen;

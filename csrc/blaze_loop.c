@@ -162,18 +162,18 @@ void loop_maybe_exit(blaze_loop *loop)
         event_base_loopexit(loop->base, NULL);
 }
 
-int loop_scratch_reserve(blaze_loop *loop, size_t need)
+int buf_reserve(char **buf, size_t *cap, size_t need)
 {
-    if (need <= loop->scratch_cap)
+    if (need <= *cap)
         return BLAZE_OK;
-    size_t cap = loop->scratch_cap ? loop->scratch_cap : 4096;
-    while (cap < need)
-        cap *= 2;
-    char *p = realloc(loop->scratch, cap);
+    size_t n = *cap ? *cap : 1024;
+    while (n < need)
+        n *= 2;
+    char *p = realloc(*buf, n);
     if (p == NULL)
         return BLAZE_ERR;
-    loop->scratch = p;
-    loop->scratch_cap = cap;
+    *buf = p;
+    *cap = n;
     return BLAZE_OK;
 }
 
@@ -306,33 +306,13 @@ int loop_jobs_full(const blaze_loop *loop)
 void loop_park(blaze_loop *loop, blaze_conn *c)
 {
     c->state = CONN_PARKED;
-    c->park_next = NULL;
-    if (loop->parked_tail)
-        loop->parked_tail->park_next = c;
-    else
-        loop->parked = c;
-    loop->parked_tail = c;
-}
-
-void loop_unpark_remove(blaze_loop *loop, blaze_conn *c)
-{
-    blaze_conn **p = &loop->parked, *prev = NULL;
-    while (*p && *p != c) {
-        prev = *p;
-        p = &(*p)->park_next;
-    }
-    if (*p == NULL)
-        return;
-    *p = c->park_next;
-    if (loop->parked_tail == c)
-        loop->parked_tail = prev;
-    c->park_next = NULL;
+    queue_push(&loop->parked, c);
 }
 
 /* Room in the pool: unpark from the loop (not from inside a finishing request). */
 void loop_unpark_later(blaze_loop *loop)
 {
-    if (loop->parked && loop->unpark_ev)
+    if (loop->parked.head && loop->unpark_ev)
         event_active(loop->unpark_ev, EV_TIMEOUT, 0);
 }
 
@@ -341,14 +321,8 @@ static void on_unpark(evutil_socket_t fd, short what, void *arg)
     blaze_loop *loop = arg;
     (void)fd;
     (void)what;
-    while (loop->parked && !loop_jobs_full(loop)) {
-        blaze_conn *c = loop->parked;
-        loop->parked = c->park_next;
-        if (loop->parked == NULL)
-            loop->parked_tail = NULL;
-        c->park_next = NULL;
-        conn_unpark(c);
-    }
+    while (loop->parked.head && !loop_jobs_full(loop))
+        conn_unpark(queue_pop(&loop->parked));
     if (may_accept(loop))
         set_accepting(loop, 1);
 }
@@ -358,13 +332,10 @@ static void on_wake(evutil_socket_t fd, short what, void *arg)
     blaze_loop *loop = arg;
     (void)fd;
     (void)what;
-    blaze_conn *c = pool_take_done(loop);
-    while (c) {
-        blaze_conn *next = c->pool_next;
-        c->pool_next = NULL;
+    blaze_queue done = pool_take_done(loop);
+    blaze_conn *c;
+    while ((c = queue_pop(&done)) != NULL)
         conn_job_ready(c, c->job_rc);
-        c = next;
-    }
 }
 
 static void on_pool_watch(evutil_socket_t fd, short what, void *arg)
@@ -479,7 +450,7 @@ blaze_loop *blaze_loop_new(const blaze_limits *limits, char *err, size_t errlen)
         snprintf(err, errlen, "cannot register signal handlers");
         goto fail;
     }
-    if (loop_scratch_reserve(loop, 8192) != BLAZE_OK) {
+    if (buf_reserve(&loop->scratch, &loop->scratch_cap, 8192) != BLAZE_OK) {
         snprintf(err, errlen, "out of memory");
         goto fail;
     }

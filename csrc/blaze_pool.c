@@ -17,7 +17,7 @@
  * RESUME job, so memory stays bounded and a slow client holds no thread.
  *
  * Ownership: a connection in the pool is in exactly one of todo, a thread
- * (taken) or done; pool_next links it, under the lock.  The loop frees a
+ * (taken) or done (blaze_queue, under the lock).  The loop frees a
  * connection only when it is in none of them: a client that leaves while
  * queued is unlinked (pool_cancel) and the app never runs; one that leaves
  * while a thread has it is marked gone, its output fails in the thread,
@@ -73,8 +73,8 @@ typedef struct {
 
 struct blaze_pool {
     pthread_mutex_t mu;
-    blaze_conn *todo, *todo_tail;             /* queued jobs (borrowed, via pool_next) */
-    blaze_conn *done, *done_tail;             /* handed back, for the loop */
+    blaze_queue todo;                         /* queued jobs */
+    blaze_queue done;                         /* handed back, for the loop */
     int *idle;                                /* owned: stack of idle thread indexes */
     int nidle;
     int running;                              /* jobs a thread has (taken, or handed over) */
@@ -204,40 +204,27 @@ static int pick_thread(blaze_pool *p, int stalled)
     return p->idle[--p->nidle];
 }
 
+/* When c was queued: c->t_job (stats_now, the same clock), not a second clock read. */
+static uint64_t queued_ns(const blaze_conn *c)
+{
+    return (uint64_t)(c->t_job * 1e9);
+}
+
 void pool_submit(blaze_loop *loop, blaze_conn *c, int kind)
 {
     blaze_pool *p = loop->pool;
-    uint64_t now = now_ns();
-    c->t_queued = now;
     c->job_kind = kind;
     c->in_thread = 1;
     c->taken = 0;
-    c->pool_next = NULL;
     pthread_mutex_lock(&p->mu);
-    int i = p->todo == NULL ? pick_thread(p, 0) : -1;
-    if (i >= 0) {
-        hand_over(p, i, c, now);
-    } else {
-        if (p->todo_tail)
-            p->todo_tail->pool_next = c;
-        else
-            p->todo = c;
-        p->todo_tail = c;
-    }
+    int i = p->todo.head == NULL ? pick_thread(p, 0) : -1;
+    if (i >= 0)
+        hand_over(p, i, c, queued_ns(c));
+    else
+        queue_push(&p->todo, c);
     pthread_mutex_unlock(&p->mu);
     if (i >= 0)
         sem_post(&p->threads[i].wake);
-}
-
-/* Under the lock: the first queued job. */
-static blaze_conn *pop_todo(blaze_pool *p)
-{
-    blaze_conn *c = p->todo;
-    p->todo = c->pool_next;
-    if (p->todo == NULL)
-        p->todo_tail = NULL;
-    c->pool_next = NULL;
-    return c;
 }
 
 int pool_check(blaze_loop *loop)
@@ -247,12 +234,12 @@ int pool_check(blaze_loop *loop)
     int woken[64], n = 0, i;
     pthread_mutex_lock(&p->mu);
     /* Every job that has waited that long gets a thread (64 per check at most). */
-    while (n < 64 && p->todo != NULL && now - p->todo->t_queued >= POOL_STALL_NS &&
+    while (n < 64 && p->todo.head != NULL && now - queued_ns(p->todo.head) >= POOL_STALL_NS &&
            (i = pick_thread(p, 1)) >= 0) {
-        hand_over(p, i, pop_todo(p), now);
+        hand_over(p, i, queue_pop(&p->todo), now);
         woken[n++] = i;
     }
-    int waiting = p->todo != NULL;
+    int waiting = p->todo.head != NULL;
     pthread_mutex_unlock(&p->mu);
     for (int k = 0; k < n; k++)
         sem_post(&p->threads[woken[k]].wake);
@@ -266,34 +253,23 @@ int pool_cancel(blaze_loop *loop, blaze_conn *c)
     pthread_mutex_lock(&p->mu);
     if (c->taken) {
         __atomic_store_n(&c->gone, 1, __ATOMIC_RELAXED);
-    } else {
-        blaze_conn **q = &p->todo, *prev = NULL;
-        while (*q && *q != c) {
-            prev = *q;
-            q = &(*q)->pool_next;
-        }
-        if (*q == c) {
-            *q = c->pool_next;
-            if (p->todo_tail == c)
-                p->todo_tail = prev;
-            c->pool_next = NULL;
-            c->in_thread = 0;
-            removed = 1;
-        }
+    } else if (queue_remove(&p->todo, c)) {
+        c->in_thread = 0;
+        removed = 1;
     }
     pthread_mutex_unlock(&p->mu);
     return removed;
 }
 
-blaze_conn *pool_take_done(blaze_loop *loop)
+blaze_queue pool_take_done(blaze_loop *loop)
 {
     blaze_pool *p = loop->pool;
     uint64_t count;
     while (read(p->wake_fd, &count, sizeof(count)) < 0 && errno == EINTR)
         ;
     pthread_mutex_lock(&p->mu);
-    blaze_conn *list = p->done;
-    p->done = p->done_tail = NULL;
+    blaze_queue list = p->done;
+    p->done.head = p->done.tail = NULL;
     p->notified = 0;
     pthread_mutex_unlock(&p->mu);
     return list;
@@ -325,12 +301,7 @@ int blaze_pool_next(blaze_loop *loop, int thread, blaze_conn *done, int rc, blaz
         __atomic_store_n(&p->avg_ns, p->avg_ns - p->avg_ns / 8 + took / 8, __ATOMIC_RELAXED);
         me->head.conn = NULL;             /* an unsent head (the app failed) dies with the job */
         done->job_rc = rc;
-        done->pool_next = NULL;
-        if (p->done_tail)
-            p->done_tail->pool_next = done;
-        else
-            p->done = done;
-        p->done_tail = done;
+        queue_push(&p->done, done);
         p->running--;
         notify = !p->notified;
         p->notified = 1;
@@ -338,8 +309,7 @@ int blaze_pool_next(blaze_loop *loop, int thread, blaze_conn *done, int rc, blaz
     int stop = p->stop;
     if (stop) {
         p->nidle++;                       /* pool_free counts the threads that have left */
-    } else if (p->todo != NULL) {
-        c = pop_todo(p);
+    } else if ((c = queue_pop(&p->todo)) != NULL) {
         hand_over(p, thread, c, now);
         me->job = NULL;
     } else {

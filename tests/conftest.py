@@ -113,13 +113,10 @@ class Server:
     def stop(self, sig=signal.SIGTERM, timeout=20):
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
-        self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            raise AssertionError(f"server did not stop within {timeout}s:\n{self.output()}")
+            if not stop_process(self.proc, sig, timeout):
+                raise AssertionError(f"server did not stop within {timeout}s:\n{self.output()}")
+            return self.proc.returncode
         finally:
             self.log.close()
 
@@ -160,6 +157,27 @@ def server_factory(tmp_path):
 def server(server_factory):
     """One worker serving tests/apps.py:echo_app on TCP."""
     return server_factory().start()
+
+
+def stop_process(p, sig, timeout):
+    """Send sig and wait; past timeout, kill its process group.  True if it stopped in time."""
+    p.send_signal(sig)
+    try:
+        p.wait(timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        return False
+
+
+def read_to_close(sock, data=b""):
+    """Everything sock sends until the peer closes, after data."""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
 
 
 def request(sock, data, timeout=10.0):
@@ -227,11 +245,7 @@ def read_response(sock, head_only=False):
                 return status, headers, body
             body += rest[:size]
             rest = rest[size + 2:]
-    while True:   # close-delimited
-        chunk = sock.recv(65536)
-        if not chunk:
-            return status, headers, rest
-        rest += chunk
+    return status, headers, read_to_close(sock, rest)   # close-delimited
 
 
 @pytest.fixture
@@ -273,9 +287,4 @@ def start_nginx(d, conf_text, port):
 
 def stop_nginx(p):
     if p.poll() is None:
-        p.send_signal(signal.SIGQUIT)
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        stop_process(p, signal.SIGQUIT, 10)

@@ -60,7 +60,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from conftest import Server, wait_until            # noqa: E402
+from conftest import Server, read_to_close, wait_until   # noqa: E402
 from test_requests_corpus import CORPUS, Case      # noqa: E402
 
 # Small limits, so that every limit is reachable by a mutation.
@@ -934,12 +934,7 @@ def valid_request_works(server):
     """A plain valid request on a new connection gets 200 with the right PATH_INFO."""
     with server.connect(timeout=10) as s:
         s.sendall(b"GET /still-alive?x=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        buf = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
+        buf = read_to_close(s)
     responses, problem = parse_responses(buf, False)
     return (problem is None and len(responses) == 1 and responses[0][0] == 200
             and json.loads(responses[0][2]).get("PATH_INFO") == "/still-alive")

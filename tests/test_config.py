@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, TESTS, free_port, http_probe, wait_until
+from conftest import ROOT, TESTS, free_port, http_probe, stop_process, wait_until
 
 from blazewsgi.config import SETTINGS
 
@@ -333,12 +333,7 @@ def launched(tmp_path):
     yield launch
     for p, log in procs:
         if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+            stop_process(p, signal.SIGTERM, 20)
         log.close()
 
 

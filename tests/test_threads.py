@@ -21,10 +21,8 @@ import sys
 import threading
 import time
 
-import pytest
-
 from apps_threads import pattern
-from conftest import ROOT, read_response, request, wait_until
+from conftest import ROOT, read_response, read_to_close, wait_until
 
 APP = "apps_threads:app"
 
@@ -246,12 +244,7 @@ def test_streaming_write_file_wrapper_and_errors(server_factory, tmp_path):
     assert status == 500
     with srv.connect() as s:                                    # headers out, then the app fails
         s.sendall(b"GET /raise-after HTTP/1.1\r\nHost: x\r\n\r\n")
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = read_to_close(s)
     assert data.startswith(b"HTTP/1.1 200 OK") and b"first" in data and b"never" not in data
     assert not data.endswith(b"0\r\n\r\n"), "a failed body must not end like a complete one"
     wait_until(lambda: "closed /raise-after" in events(srv), 5, what="close() after an error")
