@@ -23,6 +23,7 @@ C hands each thread a request, the thread calls _serve or _resume, and
 what they frame goes into the connection's buffer for the loop to write.
 """
 import io
+import itertools
 import logging
 import os
 import stat
@@ -98,9 +99,27 @@ def setup(app, listeners, multiprocess, threads=1, tls=None):
             _bases[-1]["HTTPS"] = "on"       # the CGI key; SSL_CLIENT_S_DN comes from C with mTLS
 
 
+_join0 = "\0".join
+_chain = itertools.chain.from_iterable
+_statuses = {}       # status line -> its bytes: an app uses a handful
+
+
 def _header_block(headers):
     # TypeError for non-str items, UnicodeEncodeError for non-latin-1: both 500.
-    return "\0".join(map("\0".join, headers)).encode("latin-1")
+    s = _join0(_chain(headers))
+    b = s.encode()                # ASCII (nearly always): the fast encoder, same bytes
+    if len(b) != len(s):
+        b = s.encode("latin-1")
+    return b
+
+
+def _status_line(status):
+    st = _statuses.get(status)
+    if st is None:
+        st = status.encode("latin-1")
+        if len(_statuses) < 64:
+            _statuses[status] = st
+    return st
 
 
 def _refused(r):
@@ -163,7 +182,7 @@ class _Response:
     def _start(self, body_len):
         if self.status is None:
             raise AssertionError("the application sent a body before calling start_response()")
-        st = self.status.encode("latin-1")
+        st = _status_line(self.status)
         hb = _header_block(self.headers)
         if lib.blaze_resp_start(self.conn, st, len(st), hb, len(hb), len(self.headers),
                                 body_len, self.err, 256) != 0:
@@ -185,13 +204,20 @@ class _Response:
     def pump(self):
         """Send from the iterator until it ends (DONE) or the socket lags (STREAM)."""
         conn = self.conn
-        for chunk in self.it:
+        it = self.it
+        sized = type(it) in _SIZED
+        for chunk in it:
             if type(chunk) is not bytes:
                 _not_bytes(chunk)
             if not chunk:
                 continue
             if not self.sent:
                 self._start(-1)
+            if sized and not it.__length_hint__():
+                # the last block, known as such: it and the end in one call
+                if lib.blaze_resp_last(conn, chunk, len(chunk)) != 0:
+                    raise ClientGone("client disconnected")
+                return DONE
             pending = lib.blaze_resp_write(conn, chunk, len(chunk))
             if pending < 0:
                 raise ClientGone("client disconnected")
@@ -237,12 +263,13 @@ def _send_file(r, wrapper):
 
 
 def _run_general(r, result):
-    """Anything but a one-item list of bytes: sendfile, or iterate."""
+    """Anything but one block of bytes: sendfile, or iterate."""
     if type(result) is FileWrapper:
         rc = _send_file(r, result)
         if rc is not None:
             return rc
-    r.it = iter(result)
+    if r.it is None:
+        r.it = iter(result)
     return r.pump()
 
 
@@ -254,7 +281,7 @@ def _finish(r):
     """The response is out: close what needs closing, keep r for the next request."""
     if type(r.result) is not list or r.input is not None:
         r.close()
-    r.result = None
+    r.result = r.it = None
     _spare.append(r)
 
 
@@ -276,6 +303,7 @@ def _fail(r, exc):
 
 
 _spare = []          # finished _Response objects, reused to spare an allocation
+_SIZED = (type(iter([])), type(iter(())))   # iterators that know how many items are left
 _unpack = ffi.unpack
 _resp_simple = lib.blaze_resp_simple
 
@@ -338,20 +366,31 @@ def _respond(conn, environ, req, defer=False):
         if "CONTENT_LENGTH" in environ:
             environ["wsgi.input"] = _body_input(r, req)
         r.result = result = _app(environ, r.start)
-        if type(result) is list and len(result) == 1 and r.status is not None and not r.sent:
-            body = result[0]
-            if type(body) is bytes:       # status, headers and body in one write
-                st = r.status.encode("latin-1")
-                hb = _header_block(r.headers)
-                if defer:
-                    return r, st, hb, body
-                if _resp_simple(conn, st, len(st), hb, len(hb), len(r.headers), body, len(body),
-                                r.err, 256) != 0:
-                    _refused(r)
-                rc = DONE
-            else:
-                rc = _run_general(r, result)
+        # One block of bytes (the common case) goes out with the status and
+        # headers in one write: a one-item list, or an iterable whose iterator
+        # runs over one (Django's HttpResponse iterates its list of one).
+        body = None
+        taken = False
+        if type(result) is list:
+            if len(result) == 1:
+                body = result[0]
+        elif type(result) is not FileWrapper:
+            r.it = it = iter(result)
+            if type(it) in _SIZED and it.__length_hint__() == 1:
+                body = next(it)
+                taken = True
+        if type(body) is bytes and r.status is not None and not r.sent:
+            st = _status_line(r.status)
+            hb = _header_block(r.headers)
+            if defer:
+                return r, st, hb, body
+            if _resp_simple(conn, st, len(st), hb, len(hb), len(r.headers), body, len(body),
+                            r.err, 256) != 0:
+                _refused(r)
+            rc = DONE
         else:
+            if taken:
+                r.it = itertools.chain((body,), r.it)   # put back in front
             rc = _run_general(r, result)
     except BaseException as exc:
         if not isinstance(exc, Exception):

@@ -35,6 +35,13 @@
 #define BLAZE_BODY_SLACK 4096
 /* Bodies up to this size are copied behind the response head and sent together. */
 #define BLAZE_COALESCE 8192
+/* Responses up to this size are held ("corked") until the loop's pass over
+ * its ready connections ends, then written one after another: the client
+ * is woken once per pass, not once per response (blaze_conn.c, cork). */
+#define BLAZE_CORK_MAX 16384
+/* ... but none is held longer than about this (seconds): a slow app's pass
+ * is long.  While requests take longer than this on average, none is held. */
+#define BLAZE_CORK_SECONDS 0.001
 #define BLAZE_BUF_SIZE(lim) ((size_t)(lim)->head_buffer_size + BLAZE_BODY_SLACK)
 
 /* Calls into Python (defined by CFFI from build_ffi.py). */
@@ -86,8 +93,9 @@ typedef struct {
 typedef struct blaze_pool blaze_pool;
 
 /* A FIFO of connections linked through c->queue_next: the loop's parked
- * requests, the pool's jobs and its done list.  A connection is in at most
- * one (PARKED and THREAD exclude each other).  Functions in blaze_conn.c. */
+ * requests, the pool's jobs and its done list, and (threads = 1 only) the
+ * loop's corked connections.  A connection is in at most one (PARKED and
+ * THREAD exclude each other; corking needs threads = 1).  Functions in blaze_conn.c. */
 typedef struct {
     blaze_conn *head, *tail;                  /* borrowed */
 } blaze_queue;
@@ -141,6 +149,9 @@ struct blaze_loop {
     blaze_pool *pool;                         /* owned (blaze_pool.c) */
     struct event *wake_ev, *unpark_ev;        /* owned */
     struct event *pool_watch;                 /* owned: pool_check while jobs wait */
+    blaze_queue corked;                       /* threads = 1: output held until the pass ends */
+    double cork_since;                        /* t_start of the request corked first */
+    double app_avg;                           /* moving average of a request's time, seconds */
     blaze_accesslog alog;
 };
 
@@ -159,6 +170,8 @@ struct blaze_conn {
     unsigned closing : 1;                     /* close once the output drains */
     unsigned py_stream : 1;                   /* Python holds state for us (a STREAM) */
     unsigned job : 1;                         /* threads > 1: counted in loop->jobs */
+    unsigned corked : 1;                      /* in loop->corked: c->out goes out when the pass ends */
+    unsigned cork_ok : 1;                     /* conn_send is sending the end of a response */
     blaze_conn *queue_next;                   /* in a blaze_queue (parked, or the pool's) */
     double t_job;                             /* CONN_THREAD since (the hung-request clock) */
     /* threads > 1, while CONN_THREAD (blaze_pool.c).  An app thread that has
@@ -318,6 +331,7 @@ int conn_send(blaze_conn *c, const struct iovec *iov, int n);
 void conn_send_error(blaze_conn *c, int status, const char *why);
 void conn_broken(blaze_conn *c);
 void conn_want_write(blaze_conn *c);
+void conn_flush_corked(blaze_loop *loop);
 void queue_push(blaze_queue *q, blaze_conn *c);
 blaze_conn *queue_pop(blaze_queue *q);              /* NULL when empty */
 int queue_remove(blaze_queue *q, blaze_conn *c);    /* 1 if c was in q */

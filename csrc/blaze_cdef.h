@@ -182,6 +182,9 @@ long long blaze_resp_file(blaze_conn *c, int fd, long long offset, long long len
 long long blaze_resp_flush(blaze_conn *c, long long below);
 /* End of the response body. */
 int blaze_resp_finish(blaze_conn *c);
+/* The last body bytes and the end of the response (blaze_resp_write, then
+ * blaze_resp_finish): 0, or -1 when the client is gone. */
+int blaze_resp_last(blaze_conn *c, const char *data, size_t len);
 /* start + one body + finish in a single write: the common case. */
 int blaze_resp_simple(blaze_conn *c, const char *status, size_t status_len,
                       const char *hdrs, size_t hdrs_len, int nhdrs,

@@ -216,6 +216,8 @@ void conn_free(blaze_conn *c)
     }
     if (c->state == CONN_PARKED)
         queue_remove(&loop->parked, c);
+    if (c->corked)
+        queue_remove(&loop->corked, c);   /* its output dies with it, as any unsent output */
     job_end(c);
     if (loop->head.conn == c)
         loop->head.conn = NULL;
@@ -258,7 +260,8 @@ void conn_broken(blaze_conn *c)
  * handshake) is closed now; one whose next request OpenSSL already holds is not. */
 void conn_close_if_idle(blaze_conn *c)
 {
-    int idle = c->state == CONN_HEAD && c->len == c->start && !(c->ssl && tls_has_pending(c));
+    int idle = c->state == CONN_HEAD && c->len == c->start && write_pending(c) == 0 &&
+               !(c->ssl && tls_has_pending(c));
     if (idle || c->state == CONN_HANDSHAKE)
         conn_free(c);
 }
@@ -267,6 +270,90 @@ int conn_dead(const blaze_conn *c)
 {
     return c->state == CONN_DEAD ||
            (c->in_thread && (c->thread_broken || __atomic_load_n(&c->gone, __ATOMIC_RELAXED)));
+}
+
+/* Corking (threads = 1).  A pass of the loop serves every ready
+ * connection in turn.  Writing each response the moment it is made wakes
+ * the client once per response; when the app is slow (Django) the client
+ * has gone back to sleep in between, and that wake-up (an inter-processor
+ * interrupt, costly in a VM) cost our worker more than the write itself:
+ * 15 us of kernel time per request.  So the end of a small response on a
+ * kept-alive connection (blaze_resp_simple, blaze_resp_last: c->cork_ok)
+ * is copied to c->out and the connection put in loop->corked;
+ * conn_flush_corked writes them one after another when the pass ends
+ * (blaze_loop_run), or sooner once the first has waited BLAZE_CORK_SECONDS,
+ * or before the app is called while requests average longer than that
+ * (conn_flush_before_app): a held answer then waits for one fast request
+ * at most, or for a slow one that follows fast ones (as in bjoern, whose
+ * writes wait for the next pass).
+ * Only a complete response is held: a streamed block goes out at once
+ * (PEP 3333: never held while the app makes the next).  Meanwhile the
+ * connection goes on as if its output were written: to its next request,
+ * read and answered behind it, in order.  1: corked. */
+static int cork(blaze_conn *c, const struct iovec *iov, int n, size_t total)
+{
+    blaze_loop *loop = c->loop;
+    if (!c->cork_ok || c->in_thread || loop->lim.threads > 1 || c->ssl || !c->keepalive ||
+        c->resp_close || c->closing)
+        return 0;             /* a close follows: written now, as the close waits on it */
+    if (c->corked ? (size_t)write_pending(c) + total > BLAZE_CORK_MAX
+                  : write_pending(c) > 0 || total > BLAZE_CORK_MAX)
+        return 0;
+    if (c->out == NULL && (c->out = evbuffer_new()) == NULL)
+        return 0;
+    size_t before = evbuffer_get_length(c->out);
+    for (int i = 0; i < n; i++)
+        if (evbuffer_add(c->out, iov[i].iov_base, iov[i].iov_len) != 0)
+            return evbuffer_get_length(c->out) == before ? 0 : -1;   /* -1: out of memory, half queued */
+    if (c->corked)
+        return 1;
+    if (loop->corked.head != NULL && c->t_start - loop->cork_since > BLAZE_CORK_SECONDS)
+        conn_flush_corked(loop);
+    if (loop->corked.head == NULL)
+        loop->cork_since = c->t_start;
+    c->corked = 1;
+    queue_push(&loop->corked, c);
+    return 1;
+}
+
+/* Write what corked connections hold.  Never calls Python (it may run
+ * inside a Python call, from cork): what waited for the output to drain
+ * (a close, lingering) is left to on_write. */
+void conn_flush_corked(blaze_loop *loop)
+{
+    blaze_conn *c;
+    while ((c = queue_pop(&loop->corked)) != NULL) {
+        c->corked = 0;
+        int n = conn_write_out(c);
+        if (n < 0) {
+            conn_broken(c);
+            continue;
+        }
+        if (n > 0)
+            stats_bytes(loop, 0, (size_t)n);
+        if (write_pending(c) == 0) {
+            if (c->state == CONN_LINGER)
+                shut_write(c);
+            else if (c->state == CONN_DRAIN)
+                conn_want_write(c);   /* on_write steps it (it waited to close) */
+            continue;
+        }
+        /* The client reads slowly: as without corking, the next request
+         * waits for this output (unless it has begun to arrive). */
+        if (c->state == CONN_HEAD && c->len == c->start) {
+            c->state = CONN_DRAIN;
+            read_off(c);
+        }
+        conn_want_write(c);
+        if (c->timer != TIMER_LINGER)
+            timer_set(c, TIMER_IO);
+    }
+}
+
+static void conn_flush_before_app(blaze_loop *loop)
+{
+    if (loop->corked.head != NULL && loop->app_avg > BLAZE_CORK_SECONDS)
+        conn_flush_corked(loop);
 }
 
 int conn_send(blaze_conn *c, const struct iovec *iov, int n)
@@ -278,6 +365,12 @@ int conn_send(blaze_conn *c, const struct iovec *iov, int n)
         total += iov[i].iov_len;
     if (total == 0)
         return BLAZE_OK;
+    int corked = cork(c, iov, n, total);
+    if (corked != 0) {
+        if (corked < 0)
+            conn_broken(c);   /* out of memory with part of it queued */
+        return corked > 0 ? BLAZE_OK : BLAZE_ERR;
+    }
     /* An app thread only fills c->out; the loop writes it. */
     if (write_pending(c) == 0 && !c->in_thread) {
         ssize_t w;
@@ -376,6 +469,7 @@ static void response_done(blaze_conn *c)
     /* logged first: the line quotes the request target from buf */
     double took = stats_took(c);
     log_request(c, c->resp_status, c->resp_reason, c->resp_reason_len, took);
+    c->loop->app_avg += (took - c->loop->app_avg) / 8;
     size_t consumed = c->scan;
     if (c->len > consumed)
         memmove(c->buf, c->buf + consumed, c->len - consumed);
@@ -498,6 +592,7 @@ static int dispatch(blaze_conn *c)
     }
     /* no body: the head just completed, t_start is still "now" */
     stats_busy_at(loop, c->body_kind == BODY_NONE ? c->t_start : stats_now());
+    conn_flush_before_app(loop);
     int rc = blaze_py_request(c, req.keyset, req.values, req.values_len, req.listener, &req);
     stats_idle(loop);
     return after_python(c, rc);
@@ -511,6 +606,7 @@ static void resume(blaze_conn *c)
     }
     c->state = CONN_APP;
     stats_busy(c->loop);
+    conn_flush_before_app(c->loop);
     int rc = blaze_py_resume(c, c->id);
     stats_idle(c->loop);
     if (after_python(c, rc) == 0)
@@ -640,8 +736,10 @@ static void conn_step(blaze_conn *c)
                 return;
             break;
         case CONN_DRAIN:
-            if (write_pending(c) > 0) {            /* on_write steps again when drained */
-                read_off(c);
+            if (write_pending(c) > 0 && !(c->corked && !c->closing)) {
+                read_off(c);                       /* on_write steps again when drained */
+                if (c->corked)
+                    conn_want_write(c);
                 return;
             }
             if (c->closing) {

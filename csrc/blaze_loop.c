@@ -198,6 +198,7 @@ void loop_stop_graceful(blaze_loop *loop)
 static void stop_graceful(blaze_loop *loop, int close_idle)
 {
     if (close_idle) {
+        conn_flush_corked(loop);   /* a connection is idle once its answer is out */
         /* conn_close_if_idle may free the connection: fetch next first. */
         for (blaze_conn *c = loop->conns, *next; c; c = next) {
             next = c->next;
@@ -526,9 +527,16 @@ int blaze_loop_run(blaze_loop *loop)
         stop_graceful(loop, term_pending);
     if (quit_pending)
         return 0;
-    if (event_base_dispatch(loop->base) < 0) {
-        log_flush(loop);
-        return 1;
+    /* One pass at a time: what the pass corked goes out when it ends (blaze_conn.c, cork). */
+    for (;;) {
+        int rc = event_base_loop(loop->base, EVLOOP_ONCE);
+        conn_flush_corked(loop);
+        if (rc < 0) {
+            log_flush(loop);
+            return 1;
+        }
+        if (rc > 0 || event_base_got_exit(loop->base) || event_base_got_break(loop->base))
+            break;
     }
     /* Fast stop or graceful timeout: whatever is left is closed now. */
     close_all(loop);

@@ -390,6 +390,14 @@ int blaze_resp_finish(blaze_conn *c)
     return n > 0 ? conn_send(c, iov, n) : BLAZE_OK;
 }
 
+int blaze_resp_last(blaze_conn *c, const char *data, size_t len)
+{
+    c->cork_ok = 1;           /* the response ends here: it may wait for the pass's end */
+    int rc = blaze_resp_write(c, data, len) < 0 ? BLAZE_ERR : blaze_resp_finish(c);
+    c->cork_ok = 0;
+    return rc;
+}
+
 int blaze_resp_simple(blaze_conn *c, const char *status, size_t status_len,
                       const char *hdrs, size_t hdrs_len, int nhdrs,
                       const char *body, size_t body_len, char *err, size_t errlen)
@@ -411,7 +419,10 @@ int blaze_resp_simple(blaze_conn *c, const char *status, size_t status_len,
     }
     if (c->resp_left > 0 && !c->resp_nobody)
         c->resp_close = 1;
-    if (conn_send(c, iov, n) != BLAZE_OK) {
+    c->cork_ok = 1;
+    int rc = conn_send(c, iov, n);
+    c->cork_ok = 0;
+    if (rc != BLAZE_OK) {
         snprintf(err, errlen, "client disconnected");
         return BLAZE_ERR;
     }

@@ -184,6 +184,18 @@ def r_stream(environ, start_response):
     return gen()
 
 
+def r_hold(environ, start_response):
+    """Sleep ?ms=N milliseconds, or wait (bounded) for the file ?go=PATH; answer "held"."""
+    go = _q1(environ, "go")
+    if go:
+        body = b"held" if _wait_for_file(go, 10.0) else b"timed-out-waiting-for-go"
+    else:
+        time.sleep(int(_q1(environ, "ms", "0")) / 1000)
+        body = b"held"
+    start_response("200 OK", [CT, ("Content-Length", str(len(body)))])
+    return [body]
+
+
 def r_big(environ, start_response):
     """?mib=N MiB of pattern chunks from a generator; ?progress=PATH gets the count yielded."""
     n = int(_q1(environ, "mib")) * 16
@@ -440,6 +452,7 @@ ROUTES = {
     "/raise-before": r_raise_before,
     "/raise-gen-first": r_raise_in_gen_first,
     "/raise-after": r_raise_after,
+    "/hold": r_hold,
     "/raise-after-empty": r_raise_after_empty,
     "/excinfo-replace": r_excinfo_replace,
     "/excinfo-replace-gen": r_excinfo_replace_gen,

@@ -162,6 +162,23 @@ def test_pipelining_20_requests_in_order(srv):
         assert c.request(get("/after")).body == b"GET /after"
 
 
+def test_an_answer_is_not_held_while_the_app_is_slow(srv, tmp_path):
+    """Small answers wait for the end of the loop's pass and go out together
+    (corking), but not while requests take long on average: then each goes
+    out before the app is called again.  The answer to the first request (a
+    plain one-item list, which can be held) must arrive while the app still
+    waits on the request pipelined behind it."""
+    go = tmp_path / "go"
+    with HTTPConn.connect(srv, timeout=5) as c:
+        for _ in range(8):          # requests now average over 10 ms
+            assert c.request(get("/hold?ms=20")).body == b"held"
+        c.send(get("/raw/list?body=first") + get(f"/hold?go={quote(str(go))}"))
+        assert c.response().body == b"first"           # `go` does not exist yet
+        go.write_text("go")
+        assert c.response().body == b"held"
+        assert c.request(get("/after")).body == b"GET /after"
+
+
 def test_pipelining_beyond_the_head_buffer(srv):
     """600 requests (~20 KiB, more than the 16 KiB head buffer) in one write."""
     with HTTPConn.connect(srv) as c:
