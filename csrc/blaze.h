@@ -324,6 +324,7 @@ void stats_rate_init(blaze_loop *loop);
 
 /* blaze_conn.c */
 blaze_conn *conn_new(blaze_loop *loop, int fd, int listener, const struct sockaddr *sa, int salen);
+void conn_start(blaze_conn *c);
 void conn_free(blaze_conn *c);
 void conn_close_if_idle(blaze_conn *c);
 void conn_request_done(blaze_conn *c);

@@ -126,11 +126,7 @@ blaze_conn *conn_new(blaze_loop *loop, int fd, int listener, const struct sockad
     if (!c->buf || !c->hdrs || !c->ev_read || !c->ev_write || !c->ev_timer)
         goto fail;
 
-    client_peer(c, sa, salen);
-    if (!c->is_unix) {
-        int one = 1;   /* responses go out whole; don't let Nagle hold the tail */
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    }
+    client_peer(c, sa, salen);    /* TCP_NODELAY comes from the listener (blaze_loop_listen) */
     c->fd = fd;
     c->id = ++loop->next_id;
     c->state = CONN_HEAD;
@@ -142,10 +138,9 @@ blaze_conn *conn_new(blaze_loop *loop, int fd, int listener, const struct sockad
         c->state = CONN_HANDSHAKE;
     }
     http_request_reset(c);
-    read_on(c);
     timer_set(c, TIMER_HEADER);
     loop_conn_opened(loop, c);
-    return c;
+    return c;         /* reading starts with conn_start */
 fail:
     if (c->ssl) SSL_free(c->ssl);
     if (c->ev_read) event_free(c->ev_read);
@@ -854,6 +849,31 @@ static void on_read(evutil_socket_t fd, short what, void *arg)
     } else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
         conn_free(c);         /* the client went away; nothing to answer */
     }
+}
+
+/* A new connection.  Its first request has usually arrived with it (a
+ * client sends right after the handshake), so it is read at once, and the
+ * read event is added only if nothing is there yet: a request answered
+ * with a close in this pass costs no epoll_ctl at all.  TLS starts with
+ * its handshake, on events. */
+void conn_start(blaze_conn *c)
+{
+    if (c->state != CONN_HEAD) {
+        read_on(c);
+        return;
+    }
+    ssize_t n = recv(c->fd, c->buf, BLAZE_BUF_SIZE(&c->loop->lim), 0);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+        read_on(c);
+        return;
+    }
+    if (n <= 0) {
+        conn_free(c);         /* connected and left, or reset: nothing to answer */
+        return;
+    }
+    stats_bytes(c->loop, (size_t)n, 0);
+    c->len = (size_t)n;
+    conn_step(c);
 }
 
 int conn_write_out(blaze_conn *c)

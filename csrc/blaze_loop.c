@@ -23,6 +23,8 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/socket.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 
 /* Accept more only when there is room: not stopping, under max_connections.
  * (With threads > 1 a full pool does not stop accepting: a connection left
@@ -115,8 +117,11 @@ static void on_accept(evutil_socket_t fd, short what, void *arg)
         event_add(loop->accept_pause, &tv);
         return;
     }
-    if (conn_new(loop, cfd, l->index, (struct sockaddr *)&ss, (int)sl) == NULL)
+    blaze_conn *c = conn_new(loop, cfd, l->index, (struct sockaddr *)&ss, (int)sl);
+    if (c == NULL)
         close(cfd);      /* out of memory: refuse this one, keep serving */
+    else
+        conn_start(c);
 }
 
 static void on_accept_pause_over(evutil_socket_t fd, short what, void *arg)
@@ -483,6 +488,26 @@ int blaze_loop_listen(blaze_loop *loop, int fd, int tls, char *err, size_t errle
     }
     if (evutil_make_socket_nonblocking(fd) != 0) {   /* else accept() blocks the loop */
         snprintf(err, errlen, "cannot make fd %d non-blocking: %s", fd, strerror(errno));
+        return BLAZE_ERR;
+    }
+    /* Responses go out whole: Nagle must not hold a tail.  Set once here:
+     * Linux gives accepted sockets the listener's TCP_NODELAY, which spares
+     * a system call per connection. */
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+    if (getsockname(fd, (struct sockaddr *)&ss, &sl) != 0) {
+        snprintf(err, errlen, "fd %d: getsockname: %s", fd, strerror(errno));
+        return BLAZE_ERR;
+    }
+    int one = 1;
+    if ((ss.ss_family == AF_INET || ss.ss_family == AF_INET6) &&
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) != 0) {
+        snprintf(err, errlen, "fd %d: cannot set TCP_NODELAY: %s", fd, strerror(errno));
+        return BLAZE_ERR;
+    }
+    if ((ss.ss_family == AF_INET || ss.ss_family == AF_INET6) &&
+        setsockopt(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &one, sizeof(one)) != 0) {
+        snprintf(err, errlen, "fd %d: cannot set TCP_DEFER_ACCEPT: %s", fd, strerror(errno));
         return BLAZE_ERR;
     }
     int i = loop->nlisteners;
