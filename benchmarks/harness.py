@@ -442,6 +442,11 @@ def _granian(run: Run) -> list[str]:
             "--workers", str(run.workers), "--no-ws", run.spec.app]
 
 
+def _sleep_ceiling(run: Run) -> list[str]:
+    host, port = run.host_port
+    return [str(PEERS_VENV / "bin" / "sleep-ceiling"), host, str(port), str(run.workers)]
+
+
 def _waitress(run: Run) -> list[str]:
     return [str(PEERS_VENV / "bin" / "waitress-serve"), f"--listen={run.bind}", run.spec.app]
 
@@ -590,8 +595,12 @@ LAUNCHERS: dict[str, Launcher] = {l.name: l for l in [
     Launcher("nginx", Path(sys.executable), _nginx_return_200, (), "nginx", executable=NGINX,
              packages=("nginx",), workloads=STATIC_WORKLOADS, version_fn=_nginx_version,
              note='`return 200 "Hello, World!"`: the machine\'s ceiling, not a peer'),
+    Launcher("sleep-ceiling", Path(sys.executable), _sleep_ceiling, (), "sleep-ceiling",
+             executable=PEERS_VENV / "bin" / "sleep-ceiling", packages=("sleep-ceiling",),
+             workloads=("sleep10ms",), version_fn=lambda: "peers/sleep_ceiling.c",
+             note="C, libevent: answers 10 ms after each request, no Python: the machine's ceiling, not a peer"),
 ]}
-CEILINGS = {"nginx"}  # never "the fastest peer"
+CEILINGS = {"nginx", "sleep-ceiling"}  # never "the fastest peer"
 
 
 @functools.cache

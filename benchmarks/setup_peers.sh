@@ -47,7 +47,7 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 # scratch dir of its own) only when psycopg is wanted, so that the CI smoke
 # pass (`setup_peers.sh bjoern`) does not pull it in. Neither must start a
 # system service: RUNLEVEL=1.
-apt_pkgs=(libev-dev python3-dev gcc nginx)
+apt_pkgs=(libev-dev libevent-dev python3-dev gcc nginx)
 if [ $# -eq 0 ] || [[ " $* " == *" psycopg "* ]]; then apt_pkgs+=(postgresql); fi
 need_apt=()
 command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
@@ -113,6 +113,19 @@ for entry in "${PEERS[@]}"; do
     failed+=("$name")
   fi
 done
+
+# --- the 10 ms sleep workload's ceiling: a C program, no Python (peers/sleep_ceiling.c) ---
+if [ ${#wanted[@]} -eq 0 ] || [[ " ${wanted[*]} " == *" sleep-ceiling "* ]]; then
+  log="$VENV/install-failed/sleep-ceiling.log"
+  if gcc -O2 -Wall -Wextra -o "$VENV/bin/sleep-ceiling" "$HERE/peers/sleep_ceiling.c" -levent >"$log" 2>&1; then
+    echo "== sleep-ceiling: built"
+    rm -f "$VENV/install-failed/sleep-ceiling.txt" "$log"
+  else
+    echo "gcc failed: $(grep -m1 -E 'error' "$log" | cut -c1-200)" >"$VENV/install-failed/sleep-ceiling.txt"
+    echo "!! sleep-ceiling: FAILED (see $log)"
+    failed+=("sleep-ceiling")
+  fi
+fi
 
 # --- BlazeWSGI itself, installed as users get it (not editable) ---
 # The project's .venv has an editable install, whose import hook pulls
