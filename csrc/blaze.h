@@ -171,7 +171,6 @@ struct blaze_conn {
     unsigned py_stream : 1;                   /* Python holds state for us (a STREAM) */
     unsigned job : 1;                         /* threads > 1: counted in loop->jobs */
     unsigned corked : 1;                      /* in loop->corked: c->out goes out when the pass ends */
-    unsigned cork_ok : 1;                     /* conn_send is sending the end of a response */
     blaze_conn *queue_next;                   /* in a blaze_queue (parked, or the pool's) */
     double t_job;                             /* CONN_THREAD since (the hung-request clock) */
     /* threads > 1, while CONN_THREAD (blaze_pool.c).  An app thread that has
@@ -240,6 +239,9 @@ struct blaze_conn {
     unsigned resp_nobody : 1;                 /* HEAD, 1xx, 204, 304 */
     unsigned resp_close : 1;                  /* close once this response is written */
     long long resp_left;                      /* body bytes still owed (-1: not framed by length) */
+    unsigned char cork_ok;                    /* conn_send is sending the end of a response (set
+                                               * by the response's writer, an app thread too:
+                                               * a byte of its own, no bitfield shared with the loop) */
 
     /* The peer (set once by conn_new) and the client of the current request
      * (blaze_client.c: the peer, or a forwarded address when the peer is trusted). */
