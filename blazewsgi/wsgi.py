@@ -317,16 +317,15 @@ def _body_input(r, req):
     return io.BytesIO(_unpack(req.body, req.body_len))
 
 
-_keysets = [None] * lib.BLAZE_KEYSETS_PY   # slot -> tuple of interned CGI names (see C keyset_slot)
-# threads > 1: slot -> (C's generation of the slot, its tuple), stored in one assignment so
-# that a thread never pairs one learner's generation with another's names
-_keysets_gen = [(0, None)] * lib.BLAZE_KEYSETS_PY
+# slot -> (C's generation of the slot, tuple of interned CGI names) (see C keyset_slot),
+# stored in one assignment so that an app thread never pairs one learner's
+# generation with another's names
+_keysets = [(0, None)] * lib.BLAZE_KEYSETS_PY
 
 
 def _learn_keys(slot, req):
     keys = tuple(sys.intern(k) for k in _unpack(req.keys, req.keys_len).decode("latin-1").split("\0"))
-    _keysets[slot] = keys
-    _keysets_gen[slot] = (req.keygen, keys)
+    _keysets[slot] = (req.keygen, keys)
     return keys
 
 
@@ -334,7 +333,7 @@ def _learn_keys(slot, req):
 def blaze_py_request(conn, keyset, values, values_len, listener, req):
     # Everything on the common path is inline: each Python call costs.
     environ = _bases[listener].copy()
-    keys = _keysets[keyset] if keyset >= 0 else _learn_keys(-keyset - 1, req)
+    keys = _keysets[keyset][1] if keyset >= 0 else _learn_keys(-keyset - 1, req)
     environ.update(zip(keys, _unpack(values, values_len).decode("latin-1").split("\0")))
     return _respond(conn, environ, req)
 
@@ -347,7 +346,7 @@ def _serve(conn, req):
     if slot < 0:
         keys = _learn_keys(-slot - 1, req)
     else:
-        gen, keys = _keysets_gen[slot]
+        gen, keys = _keysets[slot]
         if gen != req.keygen:
             keys = _learn_keys(slot, req)
     environ.update(zip(keys, _unpack(req.values, req.values_len).decode("latin-1").split("\0")))
@@ -417,8 +416,7 @@ def blaze_py_resume(conn, conn_id):
     if rc == STREAM:
         _streams[conn_id] = r
         return STREAM
-    r.close()
-    _spare.append(r)
+    _finish(r)
     return DONE
 
 

@@ -288,12 +288,12 @@ int conn_dead(const blaze_conn *c)
 static int cork(blaze_conn *c, const struct iovec *iov, int n, size_t total)
 {
     blaze_loop *loop = c->loop;
-    if (!c->cork_ok || c->in_thread || loop->lim.threads > 1 || c->ssl || !c->keepalive ||
-        c->resp_close || c->closing)
+    if (!c->cork_ok || loop->lim.threads > 1 || c->ssl || !c->keepalive || c->resp_close ||
+        c->closing)
         return 0;             /* a close follows: written now, as the close waits on it */
-    if (c->corked ? (size_t)write_pending(c) + total > BLAZE_CORK_MAX
-                  : write_pending(c) > 0 || total > BLAZE_CORK_MAX)
-        return 0;
+    long long pending = write_pending(c);
+    if ((pending > 0 && !c->corked) || (size_t)pending + total > BLAZE_CORK_MAX)
+        return 0;             /* output already waiting on the socket, or too big to copy */
     if (c->out == NULL && (c->out = evbuffer_new()) == NULL)
         return 0;
     size_t before = evbuffer_get_length(c->out);
@@ -731,10 +731,11 @@ static void conn_step(blaze_conn *c)
                 return;
             break;
         case CONN_DRAIN:
-            if (write_pending(c) > 0 && !(c->corked && !c->closing)) {
-                read_off(c);                       /* on_write steps again when drained */
-                if (c->corked)
-                    conn_want_write(c);
+            /* Output waits: the next request waits for it, unless it is
+             * corked output (written when the pass ends) and no close waits. */
+            if (write_pending(c) > 0 && (c->closing || !c->corked)) {
+                read_off(c);
+                conn_want_write(c);                /* on_write steps again when drained */
                 return;
             }
             if (c->closing) {
@@ -797,6 +798,29 @@ static void handshake(blaze_conn *c)
     }
 }
 
+/* Read what the socket holds behind buf's bytes and step on it.  0:
+ * nothing there yet; 1: c read and stepped, or freed (the client left). */
+static int read_step(blaze_conn *c)
+{
+    size_t cap = BLAZE_BUF_SIZE(&c->loop->lim);
+    if (c->len >= cap) {      /* the scanner answers 431 before this; belt and braces */
+        conn_send_error(c, 431, "request header section too large");
+        return 1;
+    }
+    ssize_t n = c->ssl ? tls_recv(c, c->buf + c->len, cap - c->len)
+                       : recv(c->fd, c->buf + c->len, cap - c->len, 0);
+    if (n > 0) {
+        stats_bytes(c->loop, (size_t)n, 0);
+        c->len += (size_t)n;
+        conn_step(c);
+        return 1;
+    }
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        return 0;
+    conn_free(c);             /* the client went away; nothing to answer */
+    return 1;
+}
+
 static void on_read(evutil_socket_t fd, short what, void *arg)
 {
     blaze_conn *c = arg;
@@ -836,19 +860,7 @@ static void on_read(evutil_socket_t fd, short what, void *arg)
         read_off(c);
         return;
     }
-    if (c->len >= cap) {      /* the scanner answers 431 before this; belt and braces */
-        conn_send_error(c, 431, "request header section too large");
-        return;
-    }
-    ssize_t n = c->ssl ? tls_recv(c, c->buf + c->len, cap - c->len)
-                       : recv(fd, c->buf + c->len, cap - c->len, 0);
-    if (n > 0) {
-        stats_bytes(c->loop, (size_t)n, 0);
-        c->len += (size_t)n;
-        conn_step(c);
-    } else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
-        conn_free(c);         /* the client went away; nothing to answer */
-    }
+    read_step(c);
 }
 
 /* A new connection.  Its first request has usually arrived with it (a
@@ -858,22 +870,8 @@ static void on_read(evutil_socket_t fd, short what, void *arg)
  * its handshake, on events. */
 void conn_start(blaze_conn *c)
 {
-    if (c->state != CONN_HEAD) {
+    if (c->state != CONN_HEAD || !read_step(c))
         read_on(c);
-        return;
-    }
-    ssize_t n = recv(c->fd, c->buf, BLAZE_BUF_SIZE(&c->loop->lim), 0);
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
-        read_on(c);
-        return;
-    }
-    if (n <= 0) {
-        conn_free(c);         /* connected and left, or reset: nothing to answer */
-        return;
-    }
-    stats_bytes(c->loop, (size_t)n, 0);
-    c->len = (size_t)n;
-    conn_step(c);
 }
 
 int conn_write_out(blaze_conn *c)

@@ -499,17 +499,14 @@ int blaze_loop_listen(blaze_loop *loop, int fd, int tls, char *err, size_t errle
         snprintf(err, errlen, "fd %d: getsockname: %s", fd, strerror(errno));
         return BLAZE_ERR;
     }
-    int one = 1;
-    if ((ss.ss_family == AF_INET || ss.ss_family == AF_INET6) &&
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) != 0) {
-        snprintf(err, errlen, "fd %d: cannot set TCP_NODELAY: %s", fd, strerror(errno));
-        return BLAZE_ERR;
-    }
-    if ((ss.ss_family == AF_INET || ss.ss_family == AF_INET6) &&
-        setsockopt(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &one, sizeof(one)) != 0) {
-        snprintf(err, errlen, "fd %d: cannot set TCP_DEFER_ACCEPT: %s", fd, strerror(errno));
-        return BLAZE_ERR;
-    }
+    static const struct { int opt; const char *name; } tcp_opts[] = {
+        {TCP_NODELAY, "TCP_NODELAY"}, {TCP_DEFER_ACCEPT, "TCP_DEFER_ACCEPT"}};
+    int one = 1, tcp = ss.ss_family == AF_INET || ss.ss_family == AF_INET6;
+    for (size_t k = 0; tcp && k < sizeof(tcp_opts) / sizeof(tcp_opts[0]); k++)
+        if (setsockopt(fd, IPPROTO_TCP, tcp_opts[k].opt, &one, sizeof(one)) != 0) {
+            snprintf(err, errlen, "fd %d: cannot set %s: %s", fd, tcp_opts[k].name, strerror(errno));
+            return BLAZE_ERR;
+        }
     int i = loop->nlisteners;
     blaze_listener *l = &loop->listeners[i];
     l->loop = loop;
