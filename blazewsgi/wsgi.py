@@ -97,11 +97,29 @@ def setup(app, listeners, multiprocess, threads=1, tls=None):
             _bases[-1]["REMOTE_ADDR"] = ""   # a Unix peer has no address (as gunicorn says it)
         if secure:
             _bases[-1]["HTTPS"] = "on"       # the CGI key; SSL_CLIENT_S_DN comes from C with mTLS
+        _bases[-1] = _roomy(_bases[-1])
+
+
+def _roomy(base):
+    """base with room for a request's keys: the same items, in a hash table
+    grown past them, so that each request's base.copy() (CPython copies the
+    table as it is) takes C's keys without growing the table again.  A
+    table may hold up to half again its items in deleted slots and still
+    be copied as it is, hence the 8."""
+    d = dict(base)
+    pad = [f"\0pad{i}" for i in range(8)]
+    for k in pad:
+        d[k] = None
+    for k in pad:
+        del d[k]
+    return d
 
 
 _join0 = "\0".join
 _chain = itertools.chain.from_iterable
 _statuses = {}       # status line -> its bytes: an app uses a handful
+_heads = {}          # (status, *headers) -> (status bytes, header block): see _head
+HEADS_MAX = 256
 
 
 def _header_block(headers):
@@ -120,6 +138,24 @@ def _status_line(status):
         if len(_statuses) < 64:
             _statuses[status] = st
     return st
+
+
+def _head(status, headers):
+    """(status bytes, header block) for C, remembered: an app answers with a
+    few heads over and over (a key equal to a remembered one gives the same
+    bytes).  Heads that vary (cookies, ETags) fill the table, which then
+    starts again empty."""
+    try:
+        key = (status, *headers)
+        head = _heads.get(key)
+    except TypeError:            # an unhashable header item: not remembered
+        return _status_line(status), _header_block(headers)
+    if head is None:
+        head = _status_line(status), _header_block(headers)
+        if len(_heads) >= HEADS_MAX:
+            _heads.clear()
+        _heads[key] = head
+    return head
 
 
 def _refused(r):
@@ -182,8 +218,7 @@ class _Response:
     def _start(self, body_len):
         if self.status is None:
             raise AssertionError("the application sent a body before calling start_response()")
-        st = _status_line(self.status)
-        hb = _header_block(self.headers)
+        st, hb = _head(self.status, self.headers)
         if lib.blaze_resp_start(self.conn, st, len(st), hb, len(hb), len(self.headers),
                                 body_len, self.err, 256) != 0:
             _refused(self)
@@ -317,40 +352,74 @@ def _body_input(r, req):
     return io.BytesIO(_unpack(req.body, req.body_len))
 
 
-# slot -> (C's generation of the slot, tuple of interned CGI names) (see C keyset_slot),
-# stored in one assignment so that an app thread never pairs one learner's
-# generation with another's names
+# slot -> (C's generation of the slot, the environ builder for its CGI names)
+# (see C keyset_slot), stored in one assignment so that an app thread never
+# pairs one learner's generation with another's builder
 _keysets = [(0, None)] * lib.BLAZE_KEYSETS_PY
+COMPILE_AFTER = 16   # requests with a key set before it gets a compiled builder
 
 
 def _learn_keys(slot, req):
     keys = tuple(sys.intern(k) for k in _unpack(req.keys, req.keys_len).decode("latin-1").split("\0"))
-    _keysets[slot] = (req.keygen, keys)
-    return keys
+    build = _generic_builder(slot, keys)
+    _keysets[slot] = (req.keygen, build)
+    return build
+
+
+def _generic_builder(slot, keys):
+    """A key set's first builder: base.copy() and update(zip()).  Once it has
+    built COMPILE_AFTER environs it puts a compiled builder in its place, so
+    a client that makes up new header names on every request costs no
+    compiling."""
+    left = COMPILE_AFTER
+
+    def build(base, block):
+        nonlocal left
+        left -= 1
+        if left == 0:
+            gen, current = _keysets[slot]
+            if current is build:
+                _keysets[slot] = (gen, _compiled_builder(keys))
+        environ = base.copy()
+        environ.update(zip(keys, block.decode("latin-1").split("\0")))
+        return environ
+    return build
+
+
+def _compiled_builder(keys):
+    """base.copy() and one store per name, written out for this key set: half
+    the cost of update(zip()), whose zip object alone costs as much as the
+    stores.  Made with exec, as namedtuple makes its methods; the names are
+    C's CGI names, written as repr() literals."""
+    values = ", ".join(f"v{i}" for i in range(len(keys)))
+    src = ["def build(base, block):",
+           "    environ = base.copy()",
+           f"    {values}, = block.decode('latin-1').split('\\0')"]
+    src += [f"    environ[{k!r}] = v{i}" for i, k in enumerate(keys)]
+    src.append("    return environ")
+    namespace = {}
+    exec("\n".join(src), namespace)
+    return namespace["build"]
 
 
 @ffi.def_extern(onerror=lambda *exc: log.critical("blaze_py_request failed", exc_info=exc) or ERROR)
 def blaze_py_request(conn, keyset, values, values_len, listener, req):
     # Everything on the common path is inline: each Python call costs.
-    environ = _bases[listener].copy()
-    keys = _keysets[keyset][1] if keyset >= 0 else _learn_keys(-keyset - 1, req)
-    environ.update(zip(keys, _unpack(values, values_len).decode("latin-1").split("\0")))
-    return _respond(conn, environ, req)
+    build = _keysets[keyset][1] if keyset >= 0 else _learn_keys(-keyset - 1, req)
+    return _respond(conn, build(_bases[listener], _unpack(values, values_len)), req)
 
 
 def _serve(conn, req):
     """threads > 1: blaze_py_request in an app thread.  A key set C calls known
     may have been learned by another thread that has not stored it yet."""
-    environ = _bases[req.listener].copy()
     slot = req.keyset
     if slot < 0:
-        keys = _learn_keys(-slot - 1, req)
+        build = _learn_keys(-slot - 1, req)
     else:
-        gen, keys = _keysets[slot]
+        gen, build = _keysets[slot]
         if gen != req.keygen:
-            keys = _learn_keys(slot, req)
-    environ.update(zip(keys, _unpack(req.values, req.values_len).decode("latin-1").split("\0")))
-    return _respond(conn, environ, req, True)
+            build = _learn_keys(slot, req)
+    return _respond(conn, build(_bases[req.listener], _unpack(req.values, req.values_len)), req, True)
 
 
 def _respond(conn, environ, req, defer=False):
@@ -379,13 +448,20 @@ def _respond(conn, environ, req, defer=False):
                 body = next(it)
                 taken = True
         if type(body) is bytes and r.status is not None and not r.sent:
-            st = _status_line(r.status)
-            hb = _header_block(r.headers)
+            try:
+                head = _heads.get((r.status, *r.headers))
+            except TypeError:
+                head = None
+            st, hb = head or _head(r.status, r.headers)
             if defer:
                 return r, st, hb, body
             if _resp_simple(conn, st, len(st), hb, len(hb), len(r.headers), body, len(body),
                             r.err, 256) != 0:
                 _refused(r)
+            if type(result) is list and r.input is None:   # _finish, with nothing to close
+                r.result = None
+                _spare.append(r)
+                return DONE
             rc = DONE
         else:
             if taken:

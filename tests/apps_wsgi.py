@@ -166,6 +166,14 @@ def r_many_headers(environ, start_response):
     return [b"many"]
 
 
+def r_vary(environ, start_response):
+    """A head of its own for each ?i: X-N: i, and 201 Created for every third."""
+    i = int(_q1(environ, "i"))
+    status = "201 Created" if i % 3 == 0 else "200 OK"
+    start_response(status, [CT, ("Content-Length", "4"), ("X-N", str(i))])
+    return [b"vary"]
+
+
 def r_double_start(environ, start_response):
     """start_response twice without exc_info: PEP 3333 says that is an error."""
     start_response("200 OK", [CT, ("X-First", "1")])
@@ -446,6 +454,7 @@ ROUTES = {
     "/conn-close": r_conn_close,
     "/stream": r_stream,
     "/many-headers": r_many_headers,
+    "/vary": r_vary,
     "/double-start": r_double_start,
     "/big": r_big,
     "/closing": r_closing,
@@ -598,7 +607,15 @@ def raw_status_only(environ, start_response):
     return [b"ok"]
 
 
+def raw_list_header(environ, start_response):
+    """A header given as a list, not a tuple.  Not validated: the validator
+    wants tuples; gunicorn and we take any pair."""
+    start_response("200 OK", [CT, ["X-List", "yes"], ("Content-Length", "2")])
+    return [b"ok"]
+
+
 RAW_ROUTES = {
+    "/raw/list-header": raw_list_header,
     "/raw/list": raw_list,
     "/raw/sendfile": raw_sendfile,
     "/raw/invalid": raw_invalid,

@@ -184,6 +184,45 @@ def test_environ_http10_and_no_leak_between_requests(srv):
     assert env3.get("CONTENT_LENGTH", "") == ""
 
 
+def test_environ_right_before_and_after_its_key_set_is_compiled(srv):
+    """A set of header names is first made into an environ one way, and after
+    wsgi.COMPILE_AFTER requests another (wsgi._compiled_builder): every request,
+    on either side of the switch and with three sets interleaved, sees its own
+    values under its own names, odd characters in the names included."""
+    from blazewsgi.wsgi import COMPILE_AFTER
+    many = "".join(f"X-Many-{k}: m{k}-{{i}}\r\n" for k in range(60))
+    with HTTPConn.connect(srv) as c:
+        for i in range(3 * COMPILE_AFTER):
+            kind = i % 3
+            extra = {0: "X-Even: e{i}\r\n", 1: "X-Odd'Name: q{i}\r\nX-B`ack: b{i}\r\n", 2: many}[kind]
+            head = f"GET /environ?i={i} HTTP/1.1\r\nHost: h{i}\r\nX-Same: s{i}\r\n" + extra.format(i=i)
+            env = json.loads(c.request(head.encode() + b"\r\n").body)
+            assert (env["HTTP_HOST"], env["QUERY_STRING"], env["HTTP_X_SAME"]) == (f"h{i}", f"i={i}", f"s{i}")
+            assert env["PATH_INFO"] == "/environ" and env["REMOTE_ADDR"] == "127.0.0.1"
+            assert (env.get("HTTP_X_EVEN"), env.get("HTTP_X_ODD'NAME"), env.get("HTTP_X_B`ACK")) == \
+                {0: (f"e{i}", None, None), 1: (None, f"q{i}", f"b{i}"), 2: (None, None, None)}[kind]
+            many_seen = {k: v for k, v in env.items() if k.startswith("HTTP_X_MANY_")}
+            assert many_seen == ({f"HTTP_X_MANY_{k}": f"m{k}-{i}" for k in range(60)} if kind == 2 else {})
+
+
+def test_response_heads_that_vary_each_get_their_own(srv):
+    """Status lines and headers are remembered (wsgi._heads); an app whose head
+    changes on every response gets each one right, past the table's size."""
+    from blazewsgi.wsgi import HEADS_MAX
+    with HTTPConn.connect(srv) as c:
+        for i in range(HEADS_MAX + 50):
+            r = c.request(get(f"/vary?i={i}"))
+            assert (r.status, r.get("X-N"), r.body) == (201 if i % 3 == 0 else 200, str(i), b"vary")
+
+
+def test_a_header_given_as_a_list_is_sent(srv):
+    """A pair that is a list (unhashable, so never remembered) is sent like a tuple."""
+    with HTTPConn.connect(srv) as c:
+        for _ in range(3):
+            r = c.request(get("/raw/list-header"))
+            assert (r.status, r.get("X-List"), r.body) == (200, "yes", b"ok")
+
+
 def test_environ_methods(srv):
     with HTTPConn.connect(srv) as c:
         for method in ("GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
