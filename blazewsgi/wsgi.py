@@ -158,9 +158,10 @@ def _head(status, headers):
     return head
 
 
-def _refused(r):
-    """C refused a response: the client left, or the app's status or headers are invalid."""
-    why = ffi.string(r.err).decode("latin-1", "replace")
+def _refused():
+    """C refused a response: the client left, or the app's status or headers
+    are invalid.  Called at once, in the thread C refused."""
+    why = ffi.string(lib.blaze_resp_error()).decode("latin-1", "replace")
     if why == "client disconnected":
         raise ClientGone(why)
     raise ValueError(f"invalid response from the application: {why}")
@@ -188,12 +189,11 @@ _EMPTY_INPUT = _EmptyInput()
 
 class _Response:
     """One request's response state; reused across requests (see _spare)."""
-    __slots__ = ("conn", "status", "headers", "sent", "result", "it", "input", "start", "_write", "err")
+    __slots__ = ("conn", "status", "headers", "sent", "result", "it", "input", "start", "_write")
 
     def __init__(self):
         self.start = self.start_response     # bound once, not per request
         self._write = self.write
-        self.err = ffi.new("char[256]")      # C's reason for a refusal (one per response: threads)
         self.conn = self.status = self.headers = None
         self.sent = False
         self.result = self.it = self.input = None
@@ -220,8 +220,8 @@ class _Response:
             raise AssertionError("the application sent a body before calling start_response()")
         st, hb = _head(self.status, self.headers)
         if lib.blaze_resp_start(self.conn, st, len(st), hb, len(hb), len(self.headers),
-                                body_len, self.err, 256) != 0:
-            _refused(self)
+                                body_len) != 0:
+            _refused()
         self.sent = True
 
     def write(self, data):
@@ -323,7 +323,7 @@ def _finish(r):
 def _fail_refused(r):
     """C refused a deferred one-item response (threads.py): ERROR, logged."""
     try:
-        _refused(r)
+        _refused()
     except Exception as exc:
         return _fail(r, exc)
 
@@ -455,9 +455,8 @@ def _respond(conn, environ, req, defer=False):
             st, hb = head or _head(r.status, r.headers)
             if defer:
                 return r, st, hb, body
-            if _resp_simple(conn, st, len(st), hb, len(hb), len(r.headers), body, len(body),
-                            r.err, 256) != 0:
-                _refused(r)
+            if _resp_simple(conn, st, len(st), hb, len(hb), len(r.headers), body, len(body)) != 0:
+                _refused()
             if type(result) is list and r.input is None:   # _finish, with nothing to close
                 r.result = None
                 _spare.append(r)

@@ -151,12 +151,11 @@ int blaze_pool_next(blaze_loop *loop, int thread, blaze_conn *done, int rc, blaz
  * thread is scheduled (see blaze_pool.c).  Failures are ignored. */
 void blaze_pool_thread_init(void);
 /* blaze_resp_simple for `done`, then blaze_pool_next(done, DONE): a one-item
- * response and the next job in one crossing.  -1 (err says why): the
- * response was refused and `done` is still the thread's. */
+ * response and the next job in one crossing.  -1 (blaze_resp_error says
+ * why): the response was refused and `done` is still the thread's. */
 int blaze_pool_reply(blaze_loop *loop, int thread, blaze_conn *done,
                      const char *status, size_t status_len, const char *hdrs, size_t hdrs_len,
-                     int nhdrs, const char *body, size_t body_len, char *err, size_t errlen,
-                     blaze_job *job);
+                     int nhdrs, const char *body, size_t body_len, blaze_job *job);
 
 /* Loop: one per worker process. Errors come back as text in err. */
 blaze_loop *blaze_loop_new(const blaze_limits *limits, char *err, size_t errlen);
@@ -169,10 +168,13 @@ void blaze_loop_free(blaze_loop *loop);
  * blaze_resp_start validates and frames the status and headers:
  * hdrs is "name\0value\0name\0value" with nhdrs pairs; body_len is the
  * total body size when the server knows it (-1 otherwise).  Returns 0, or
- * -1 with the reason in err (nothing has been sent then). */
+ * -1 (nothing has been sent then) with the reason in blaze_resp_error. */
 int blaze_resp_start(blaze_conn *c, const char *status, size_t status_len,
-                     const char *hdrs, size_t hdrs_len, int nhdrs,
-                     long long body_len, char *err, size_t errlen);
+                     const char *hdrs, size_t hdrs_len, int nhdrs, long long body_len);
+/* Why this thread's last blaze_resp_start, blaze_resp_simple or
+ * blaze_pool_reply refused (a thread's own buffer: no pointer to pass on
+ * every response). */
+const char *blaze_resp_error(void);
 /* Queue body bytes; returns the bytes still waiting for the socket, or -1
  * when the client is gone. */
 long long blaze_resp_write(blaze_conn *c, const char *data, size_t len);
@@ -188,4 +190,4 @@ int blaze_resp_last(blaze_conn *c, const char *data, size_t len);
 /* start + one body + finish in a single write: the common case. */
 int blaze_resp_simple(blaze_conn *c, const char *status, size_t status_len,
                       const char *hdrs, size_t hdrs_len, int nhdrs,
-                      const char *body, size_t body_len, char *err, size_t errlen);
+                      const char *body, size_t body_len);

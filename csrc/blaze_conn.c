@@ -537,9 +537,8 @@ static void refuse_rate_limited(blaze_conn *c, double retry_after)
         c->keepalive = 0;
         c->discard_input = 1;
     }
-    char err[128];
     if (blaze_resp_simple(c, "429 Too Many Requests", 21, hdrs, (size_t)hl, 2, body,
-                          sizeof(body) - 1, err, sizeof(err)) != BLAZE_OK ||
+                          sizeof(body) - 1) != BLAZE_OK ||
         write_flush_head(c) != BLAZE_OK)
         return;           /* the socket broke: the zero-delay timer frees c */
     response_done(c);

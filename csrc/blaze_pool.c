@@ -343,11 +343,9 @@ int blaze_pool_next(blaze_loop *loop, int thread, blaze_conn *done, int rc, blaz
 
 int blaze_pool_reply(blaze_loop *loop, int thread, blaze_conn *done,
                      const char *status, size_t status_len, const char *hdrs, size_t hdrs_len,
-                     int nhdrs, const char *body, size_t body_len, char *err, size_t errlen,
-                     blaze_job *job)
+                     int nhdrs, const char *body, size_t body_len, blaze_job *job)
 {
-    if (blaze_resp_simple(done, status, status_len, hdrs, hdrs_len, nhdrs, body, body_len,
-                          err, errlen) != BLAZE_OK)
+    if (blaze_resp_simple(done, status, status_len, hdrs, hdrs_len, nhdrs, body, body_len) != BLAZE_OK)
         return -1;
     return blaze_pool_next(loop, thread, done, BLAZE_PY_DONE, job);
 }

@@ -268,11 +268,19 @@ static size_t body_allow(blaze_conn *c, size_t len)
     return len;
 }
 
-int blaze_resp_start(blaze_conn *c, const char *status, size_t status_len,
-                     const char *hdrs, size_t hdrs_len, int nhdrs,
-                     long long body_len, char *err, size_t errlen)
+/* Each thread's reason for its last refusal (blaze_resp_error). */
+static __thread char resp_err[256];
+
+const char *blaze_resp_error(void)
 {
-    return frame_head(c, status, status_len, hdrs, hdrs_len, nhdrs, body_len, err, errlen);
+    return resp_err;
+}
+
+int blaze_resp_start(blaze_conn *c, const char *status, size_t status_len,
+                     const char *hdrs, size_t hdrs_len, int nhdrs, long long body_len)
+{
+    return frame_head(c, status, status_len, hdrs, hdrs_len, nhdrs, body_len,
+                      resp_err, sizeof(resp_err));
 }
 
 long long blaze_resp_write(blaze_conn *c, const char *data, size_t len)
@@ -400,10 +408,10 @@ int blaze_resp_last(blaze_conn *c, const char *data, size_t len)
 
 int blaze_resp_simple(blaze_conn *c, const char *status, size_t status_len,
                       const char *hdrs, size_t hdrs_len, int nhdrs,
-                      const char *body, size_t body_len, char *err, size_t errlen)
+                      const char *body, size_t body_len)
 {
     if (frame_head(c, status, status_len, hdrs, hdrs_len, nhdrs, (long long)body_len,
-                   err, errlen) != BLAZE_OK)
+                   resp_err, sizeof(resp_err)) != BLAZE_OK)
         return BLAZE_ERR;
     struct iovec iov[2];
     int n = take_head(c, iov);
@@ -423,7 +431,7 @@ int blaze_resp_simple(blaze_conn *c, const char *status, size_t status_len,
     int rc = conn_send(c, iov, n);
     c->cork_ok = 0;
     if (rc != BLAZE_OK) {
-        snprintf(err, errlen, "client disconnected");
+        snprintf(resp_err, sizeof(resp_err), "client disconnected");
         return BLAZE_ERR;
     }
     return BLAZE_OK;

@@ -557,6 +557,17 @@ def test_invalid_response_is_500_and_never_sent(srv, case, kind):
     assert b"body-" not in raw, raw
 
 
+@pytest.mark.parametrize("kind", ["list", "gen", "write"])
+def test_the_log_says_why_a_response_was_refused(srv, kind):
+    """C's reason (blaze_resp_error, read in the thread C refused in) reaches the error log."""
+    off = os.path.getsize(srv.log_path)
+    with HTTPConn.connect(srv) as c:
+        c.send(get(f"/raw/invalid?case=value-crlf&kind={kind}"))
+        assert c.read_to_eof().startswith(b"HTTP/1.1 500 ")
+    want = "invalid response from the application: invalid character in the value of header X-Ok"
+    wait_until(lambda: want in log_from(srv, off), timeout=5, what=want)
+
+
 def test_invalid_responses_leave_the_worker_serving(srv):
     pids = srv.worker_pids()
     for case in ("status-crlf", "value-int", "value-nonlatin1"):
