@@ -47,7 +47,7 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 # scratch dir of its own) only when psycopg is wanted, so that the CI smoke
 # pass (`setup_peers.sh bjoern`) does not pull it in. Neither must start a
 # system service: RUNLEVEL=1.
-apt_pkgs=(libev-dev libevent-dev python3-dev gcc nginx)
+apt_pkgs=(libev-dev libevent-dev libffi-dev python3-dev gcc nginx)
 if [ $# -eq 0 ] || [[ " $* " == *" psycopg "* ]]; then apt_pkgs+=(postgresql); fi
 need_apt=()
 command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
@@ -133,9 +133,11 @@ fi
 # wheel install does not have). Reinstalled on every run: it tracks the tree.
 BLAZE_VENV_DIR="${BLAZE_VENV:-$HERE/.blaze-venv}"
 if [ ! -x "$BLAZE_VENV_DIR/bin/python" ]; then
-  "$PYTHON" -m venv "$BLAZE_VENV_DIR" && "$BLAZE_VENV_DIR/bin/pip" install -q --upgrade pip 'setuptools>=77' wheel cffi
+  "$PYTHON" -m venv "$BLAZE_VENV_DIR" && "$BLAZE_VENV_DIR/bin/pip" install -q --upgrade pip 'setuptools>=77' wheel
 fi
-if "$BLAZE_VENV_DIR/bin/pip" install -q --force-reinstall --no-deps "$HERE/.." >"$BLAZE_VENV_DIR/install.log" 2>&1 \
+# cffi built from source, as the README's setup does (.ci/cffi_from_source.sh says why)
+if bash "$HERE/../.ci/cffi_from_source.sh" "$BLAZE_VENV_DIR/bin/python" >"$BLAZE_VENV_DIR/install.log" 2>&1 \
+   && "$BLAZE_VENV_DIR/bin/pip" install -q --force-reinstall --no-deps "$HERE/.." >>"$BLAZE_VENV_DIR/install.log" 2>&1 \
    && "$BLAZE_VENV_DIR/bin/pip" install -q "$HERE/.." >>"$BLAZE_VENV_DIR/install.log" 2>&1; then
   echo "== blazewsgi: installed (non-editable) into $BLAZE_VENV_DIR"
 else
