@@ -40,7 +40,7 @@ ERROR = lib.BLAZE_PY_ERROR
 HIGH_WATER = 256 * 1024
 
 _app = None
-_bases = []          # base environ per listener index
+_bases = []          # per listener index: (base environ, in a grown table, room): see _sized
 _streams = {}        # conn_id -> _Response suspended mid-body
 
 
@@ -97,22 +97,32 @@ def setup(app, listeners, multiprocess, threads=1, tls=None):
             _bases[-1]["REMOTE_ADDR"] = ""   # a Unix peer has no address (as gunicorn says it)
         if secure:
             _bases[-1]["HTTPS"] = "on"       # the CGI key; SSL_CLIENT_S_DN comes from C with mTLS
-        _bases[-1] = _roomy(_bases[-1])
+        _bases[-1] = _sized(_bases[-1])
 
 
-def _roomy(base):
-    """base with room for a request's keys: the same items, in a hash table
-    grown past them, so that each request's base.copy() (CPython copies the
-    table as it is) takes C's keys without growing the table again.  A
-    table may hold up to half again its items in deleted slots and still
+def _sized(base):
+    """(base, the same items in a grown hash table, room): a request's
+    environ is a copy of base when its keys number at most room (the keys a
+    copy takes before its table grows), else of the grown one, whose copy
+    takes them without growing (CPython copies a table as it is).  A small
+    request (an API client, wrk) keeps a table small enough for Python's
+    own allocator; a browser's dozen headers do not grow one per request.
+    A table may hold up to half again its items in deleted slots and still
     be copied as it is, hence the 8."""
-    d = dict(base)
+    grown = dict(base)
     pad = [f"\0pad{i}" for i in range(8)]
     for k in pad:
-        d[k] = None
+        grown[k] = None
     for k in pad:
-        del d[k]
-    return d
+        del grown[k]
+    probe = base.copy()
+    size = sys.getsizeof(probe)
+    room = 0
+    while True:
+        probe[f"\0room{room}"] = None
+        if sys.getsizeof(probe) != size:
+            return base, grown, room
+        room += 1
 
 
 _join0 = "\0".join
@@ -367,33 +377,33 @@ def _learn_keys(slot, req):
 
 
 def _generic_builder(slot, keys):
-    """A key set's first builder: base.copy() and update(zip()).  Once it has
+    """A key set's first builder: a base's copy (see _sized) and update(zip()).  Once it has
     built COMPILE_AFTER environs it puts a compiled builder in its place, so
     a client that makes up new header names on every request costs no
     compiling."""
     left = COMPILE_AFTER
 
-    def build(base, block):
+    def build(bases, block):
         nonlocal left
         left -= 1
         if left == 0:
             gen, current = _keysets[slot]
             if current is build:
                 _keysets[slot] = (gen, _compiled_builder(keys))
-        environ = base.copy()
+        environ = bases[len(keys) > bases[2]].copy()
         environ.update(zip(keys, block.decode("latin-1").split("\0")))
         return environ
     return build
 
 
 def _compiled_builder(keys):
-    """base.copy() and one store per name, written out for this key set: half
+    """A base's copy and one store per name, written out for this key set: half
     the cost of update(zip()), whose zip object alone costs as much as the
     stores.  Made with exec, as namedtuple makes its methods; the names are
     C's CGI names, written as repr() literals."""
     values = ", ".join(f"v{i}" for i in range(len(keys)))
-    src = ["def build(base, block):",
-           "    environ = base.copy()",
+    src = ["def build(bases, block):",
+           f"    environ = bases[{len(keys)} > bases[2]].copy()",
            f"    {values}, = block.decode('latin-1').split('\\0')"]
     src += [f"    environ[{k!r}] = v{i}" for i, k in enumerate(keys)]
     src.append("    return environ")
