@@ -72,6 +72,7 @@ def setup(app, listeners, multiprocess, threads=1, tls=None):
     global _app
     _app = app
     _bases.clear()
+    _spare[:] = [_Response() for _ in range(4)]
     for i, lst in enumerate(listeners):
         secure = bool(tls and tls[i])
         _bases.append({
@@ -347,7 +348,10 @@ def _fail(r, exc):
     return ERROR
 
 
-_spare = []          # finished _Response objects, reused to spare an allocation
+# finished _Response objects, reused to spare an allocation.  setup() puts
+# four in: popping a list's only item shrinks it and append() grows it
+# again, two reallocs per request.
+_spare = []
 _SIZED = (type(iter([])), type(iter(())))   # iterators that know how many items are left
 _unpack = ffi.unpack
 _resp_simple = lib.blaze_resp_simple
