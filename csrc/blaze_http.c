@@ -465,6 +465,10 @@ static int body_append(blaze_conn *c, const char *p, size_t n)
         size_t cap = c->body_cap ? c->body_cap : 4096;
         while (cap < need)
             cap *= 2;
+        /* A Content-Length says how big the body will be: one allocation,
+         * not a chain of copies (pages are only touched as bytes arrive). */
+        if (c->body_kind == BODY_LENGTH && c->body_len + c->body_left > cap)
+            cap = (size_t)(c->body_len + c->body_left);
         if (cap > (size_t)c->loop->lim.body_buffer_size)
             cap = (size_t)c->loop->lim.body_buffer_size;
         char *b = realloc(c->body, cap);
