@@ -367,6 +367,12 @@ void http_request_reset(blaze_conn *c);
  * IO_CLOSE with *status set to the HTTP error to answer (0: just close). */
 blaze_io http_read_head(blaze_conn *c, int *status, const char **why);
 blaze_io http_read_body(blaze_conn *c, int *status, const char **why);
+/* A body with a Content-Length, kept in memory, with nothing of it left
+ * unread in c->buf: where the socket may put the body's next bytes itself
+ * (one copy fewer, and reads as large as the socket has) and how many;
+ * NULL: read into c->buf as usual.  http_body_direct_took counts what came. */
+char *http_body_direct(blaze_conn *c, size_t *room);
+void http_body_direct_took(blaze_conn *c, size_t n);
 int http_build_environ(blaze_conn *c, blaze_request *req);
 
 extern const unsigned char blaze_tchar[256];

@@ -802,15 +802,24 @@ static void handshake(blaze_conn *c)
 static int read_step(blaze_conn *c)
 {
     size_t cap = BLAZE_BUF_SIZE(&c->loop->lim);
-    if (c->len >= cap) {      /* the scanner answers 431 before this; belt and braces */
-        conn_send_error(c, 431, "request header section too large");
-        return 1;
+    size_t room = 0;
+    char *to = c->state == CONN_BODY ? http_body_direct(c, &room) : NULL;
+    int direct = to != NULL;
+    if (!direct) {
+        if (c->len >= cap) {  /* the scanner answers 431 before this; belt and braces */
+            conn_send_error(c, 431, "request header section too large");
+            return 1;
+        }
+        to = c->buf + c->len;
+        room = cap - c->len;
     }
-    ssize_t n = c->ssl ? tls_recv(c, c->buf + c->len, cap - c->len)
-                       : recv(c->fd, c->buf + c->len, cap - c->len, 0);
+    ssize_t n = c->ssl ? tls_recv(c, to, room) : recv(c->fd, to, room, 0);
     if (n > 0) {
         stats_bytes(c->loop, (size_t)n, 0);
-        c->len += (size_t)n;
+        if (direct)
+            http_body_direct_took(c, (size_t)n);
+        else
+            c->len += (size_t)n;
         conn_step(c);
         return 1;
     }

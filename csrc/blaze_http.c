@@ -449,6 +449,29 @@ static int write_all(int fd, const char *p, size_t n)
     return BLAZE_OK;
 }
 
+/* Room for need bytes of body in memory (need <= body_buffer_size). */
+static int body_reserve(blaze_conn *c, size_t need)
+{
+    if (need <= c->body_cap)
+        return BLAZE_OK;
+    size_t cap = c->body_cap ? c->body_cap : 4096;
+    while (cap < need)
+        cap *= 2;
+    /* A Content-Length says how big the body will be: one allocation, not a
+     * chain of copies (malloc maps a buffer this big lazily: pages are only
+     * touched as bytes arrive). */
+    if (c->body_kind == BODY_LENGTH && c->body_len + c->body_left > cap)
+        cap = (size_t)(c->body_len + c->body_left);
+    if (cap > (size_t)c->loop->lim.body_buffer_size)
+        cap = (size_t)c->loop->lim.body_buffer_size;
+    char *b = realloc(c->body, cap);
+    if (b == NULL)
+        return BLAZE_ERR;
+    c->body = b;
+    c->body_cap = cap;
+    return BLAZE_OK;
+}
+
 static int body_append(blaze_conn *c, const char *p, size_t n)
 {
     c->body_total += n;
@@ -461,25 +484,29 @@ static int body_append(blaze_conn *c, const char *p, size_t n)
         c->body_len = 0;
         return write_all(c->body_fd, p, n);
     }
-    if (need > c->body_cap) {
-        size_t cap = c->body_cap ? c->body_cap : 4096;
-        while (cap < need)
-            cap *= 2;
-        /* A Content-Length says how big the body will be: one allocation,
-         * not a chain of copies (pages are only touched as bytes arrive). */
-        if (c->body_kind == BODY_LENGTH && c->body_len + c->body_left > cap)
-            cap = (size_t)(c->body_len + c->body_left);
-        if (cap > (size_t)c->loop->lim.body_buffer_size)
-            cap = (size_t)c->loop->lim.body_buffer_size;
-        char *b = realloc(c->body, cap);
-        if (b == NULL)
-            return BLAZE_ERR;
-        c->body = b;
-        c->body_cap = cap;
-    }
+    if (body_reserve(c, need) != BLAZE_OK)
+        return BLAZE_ERR;
     memcpy(c->body + c->body_len, p, n);
     c->body_len = need;
     return BLAZE_OK;
+}
+
+char *http_body_direct(blaze_conn *c, size_t *room)
+{
+    if (c->body_kind != BODY_LENGTH || c->scan != c->len || c->body_fd >= 0 || c->body_left == 0)
+        return NULL;
+    size_t need = c->body_len + (size_t)c->body_left;
+    if (need > (size_t)c->loop->lim.body_buffer_size || body_reserve(c, need) != BLAZE_OK)
+        return NULL;          /* body_append spills, or fails with a 500, as before */
+    *room = (size_t)c->body_left;
+    return c->body + c->body_len;
+}
+
+void http_body_direct_took(blaze_conn *c, size_t n)
+{
+    c->body_total += n;
+    c->body_len += n;
+    c->body_left -= n;
 }
 
 /* The body-reading states; 0 is reused before the body starts. */

@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import re
+import time
 from urllib.parse import quote
 
 import pytest
@@ -216,6 +217,27 @@ def test_pipelining_with_bodies(srv):
                 got = json.loads(r.body)
                 assert (got["length"], got["sha256"]) == (len(exp), hashlib.sha256(exp).hexdigest())
         assert c.request(get("/end")).body == b"GET /end"
+
+
+def test_a_body_read_straight_from_the_socket_then_a_pipelined_request(srv):
+    """Once nothing of a Content-Length body waits in the head buffer, the
+    body is read from the socket into its own buffer (http_body_direct),
+    never past its end: sent in uneven pieces, the last one in the same write
+    as the next request, both come out whole and in order."""
+    body = os.urandom(700_001)
+    head = f"POST /body HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    cuts = [0, 10, 65_537, 300_000, 699_990]
+    with HTTPConn.connect(srv) as c:
+        c.send(head + body[:cuts[1]])
+        for a, b in zip(cuts[1:], cuts[2:]):
+            time.sleep(0.05)           # separate segments, so separate reads
+            c.send(body[a:b])
+        time.sleep(0.05)
+        c.send(body[cuts[-1]:] + get("/after") + get("/after2"))
+        got = json.loads(c.response().body)
+        assert (got["length"], got["sha256"]) == (len(body), hashlib.sha256(body).hexdigest())
+        assert c.response().body == b"GET /after"
+        assert c.response().body == b"GET /after2"
 
 
 def test_pipelining_large_responses(srv):
