@@ -128,8 +128,7 @@ def _sized(base):
 
 _join0 = "\0".join
 _chain = itertools.chain.from_iterable
-_statuses = {}       # status line -> its bytes: an app uses a handful
-_heads = {}          # (status, *headers) -> (status bytes, header block): see _head
+_heads = {}          # (status, *headers) -> (status bytes, header block): see _new_head
 HEADS_MAX = 256
 
 
@@ -142,27 +141,23 @@ def _header_block(headers):
     return b
 
 
-def _status_line(status):
-    st = _statuses.get(status)
-    if st is None:
-        st = status.encode("latin-1")
-        if len(_statuses) < 64:
-            _statuses[status] = st
-    return st
-
-
 def _head(status, headers):
-    """(status bytes, header block) for C, remembered: an app answers with a
-    few heads over and over (a key equal to a remembered one gives the same
-    bytes).  Heads that vary (cookies, ETags) fill the table, which then
-    starts again empty."""
+    """(status bytes, header block) for C (_respond looks up _heads inline)."""
     try:
         key = (status, *headers)
         head = _heads.get(key)
     except TypeError:            # an unhashable header item: not remembered
-        return _status_line(status), _header_block(headers)
-    if head is None:
-        head = _status_line(status), _header_block(headers)
+        key = head = None
+    return head or _new_head(status, headers, key)
+
+
+def _new_head(status, headers, key):
+    """Encode a head not in _heads and remember it under key (None: an
+    unhashable one, not remembered): an app answers with a few heads over
+    and over.  Heads that vary (cookies, ETags) fill the table, which then
+    starts again empty."""
+    head = status.encode("latin-1"), _header_block(headers)
+    if key is not None:
         if len(_heads) >= HEADS_MAX:
             _heads.clear()
         _heads[key] = head
@@ -463,10 +458,11 @@ def _respond(conn, environ, req, defer=False):
                 taken = True
         if type(body) is bytes and r.status is not None and not r.sent:
             try:
-                head = _heads.get((r.status, *r.headers))
+                key = (r.status, *r.headers)
+                head = _heads.get(key)
             except TypeError:
-                head = None
-            st, hb = head or _head(r.status, r.headers)
+                key = head = None
+            st, hb = head or _new_head(r.status, r.headers, key)
             if defer:
                 return r, st, hb, body
             if _resp_simple(conn, st, len(st), hb, len(hb), len(r.headers), body, len(body)) != 0:

@@ -74,7 +74,15 @@ static int has_close_token(const char *v, size_t n)
 
 #define PUT(p, s, n) do { memcpy((p), (s), (n)); (p) += (n); } while (0)
 #define PUT_LIT(p, s) PUT(p, s, sizeof(s) - 1)
-#define BAD(...) do { snprintf(err, errlen, __VA_ARGS__); return BLAZE_ERR; } while (0)
+/* Each thread's reason for its last refusal (blaze_resp_error). */
+static __thread char resp_err[256];
+
+const char *blaze_resp_error(void)
+{
+    return resp_err;
+}
+
+#define BAD(...) do { snprintf(resp_err, sizeof(resp_err), __VA_ARGS__); return BLAZE_ERR; } while (0)
 
 /* Where c's head is framed: its app thread's buffer, or the loop's. */
 static blaze_head *head_of(blaze_conn *c)
@@ -84,7 +92,7 @@ static blaze_head *head_of(blaze_conn *c)
 
 /* Validate and frame status + headers into head_of(c). */
 static int frame_head(blaze_conn *c, const char *status, size_t slen, const char *hdrs,
-                      size_t hlen, int nhdrs, long long body_len, char *err, size_t errlen)
+                      size_t hlen, int nhdrs, long long body_len)
 {
     blaze_loop *loop = c->loop;
     blaze_head *hd = head_of(c);
@@ -268,19 +276,10 @@ static size_t body_allow(blaze_conn *c, size_t len)
     return len;
 }
 
-/* Each thread's reason for its last refusal (blaze_resp_error). */
-static __thread char resp_err[256];
-
-const char *blaze_resp_error(void)
-{
-    return resp_err;
-}
-
 int blaze_resp_start(blaze_conn *c, const char *status, size_t status_len,
                      const char *hdrs, size_t hdrs_len, int nhdrs, long long body_len)
 {
-    return frame_head(c, status, status_len, hdrs, hdrs_len, nhdrs, body_len,
-                      resp_err, sizeof(resp_err));
+    return frame_head(c, status, status_len, hdrs, hdrs_len, nhdrs, body_len);
 }
 
 long long blaze_resp_write(blaze_conn *c, const char *data, size_t len)
@@ -410,8 +409,7 @@ int blaze_resp_simple(blaze_conn *c, const char *status, size_t status_len,
                       const char *hdrs, size_t hdrs_len, int nhdrs,
                       const char *body, size_t body_len)
 {
-    if (frame_head(c, status, status_len, hdrs, hdrs_len, nhdrs, (long long)body_len,
-                   resp_err, sizeof(resp_err)) != BLAZE_OK)
+    if (frame_head(c, status, status_len, hdrs, hdrs_len, nhdrs, (long long)body_len) != BLAZE_OK)
         return BLAZE_ERR;
     struct iovec iov[2];
     int n = take_head(c, iov);
@@ -431,8 +429,7 @@ int blaze_resp_simple(blaze_conn *c, const char *status, size_t status_len,
     int rc = conn_send(c, iov, n);
     c->cork_ok = 0;
     if (rc != BLAZE_OK) {
-        snprintf(resp_err, sizeof(resp_err), "client disconnected");
-        return BLAZE_ERR;
+        BAD("client disconnected");
     }
     return BLAZE_OK;
 }
