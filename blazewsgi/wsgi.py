@@ -130,6 +130,7 @@ _join0 = "\0".join
 _chain = itertools.chain.from_iterable
 _heads = {}          # (status, *headers) -> (status bytes, header block): see _new_head
 HEADS_MAX = 256
+_last = (None, None, None, None)   # see _remember_last
 
 
 def _header_block(headers):
@@ -142,13 +143,28 @@ def _header_block(headers):
 
 
 def _head(status, headers):
-    """(status bytes, header block) for C (_respond looks up _heads inline)."""
+    """(status bytes, header block) for C: the last head sent (_last, which
+    _respond also checks inline), else a remembered one (_heads), else a new
+    one (_new_head)."""
+    ls, lh, st, hb = _last
+    if status == ls and headers == lh:
+        return st, hb
     try:
         key = (status, *headers)
         head = _heads.get(key)
     except TypeError:            # an unhashable header item: not remembered
-        key = head = None
-    return head or _new_head(status, headers, key)
+        return _new_head(status, headers, None)
+    head = head or _new_head(status, headers, key)
+    _remember_last(status, headers, head)
+    return head
+
+
+def _remember_last(status, headers, head):
+    """_last: a hashable head's status, a copy of its header list (the app's own
+    list may change after the response; its tuples cannot), and its bytes.
+    One assignment, so an app thread never reads half of another's."""
+    global _last
+    _last = (status, list(headers), *head)
 
 
 def _new_head(status, headers, key):
@@ -457,12 +473,9 @@ def _respond(conn, environ, req, defer=False):
                 body = next(it)
                 taken = True
         if type(body) is bytes and r.status is not None and not r.sent:
-            try:
-                key = (r.status, *r.headers)
-                head = _heads.get(key)
-            except TypeError:
-                key = head = None
-            st, hb = head or _new_head(r.status, r.headers, key)
+            ls, lh, st, hb = _last            # _head's first test, inline
+            if r.status != ls or r.headers != lh:
+                st, hb = _head(r.status, r.headers)
             if defer:
                 return r, st, hb, body
             if _resp_simple(conn, st, len(st), hb, len(hb), len(r.headers), body, len(body)) != 0:

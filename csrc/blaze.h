@@ -84,10 +84,27 @@ typedef struct {
 
 /* A framed response head waiting to go out with the first body bytes: the
  * loop's (threads = 1, and error answers), or one per app thread. */
+/* The status and headers an app gave for the head framed last, so that
+ * the same again (an app answers with a few heads over and over) is not
+ * validated and framed anew: buf[0:fixed_len] still holds its status line
+ * and headers, and the fields below what checking them found. */
+#define BLAZE_HEAD_KEY_MAX 1024
+typedef struct {
+    size_t fixed_len;                         /* of the framed status line and headers */
+    int remembered;                           /* key holds them (they fit) */
+    size_t slen, hlen;                        /* key = status, then the header block */
+    int nhdrs;
+    int code;
+    unsigned have_server : 1, have_date : 1, conn_close : 1;
+    long long cl;                             /* the app's Content-Length, or -1 */
+    char key[BLAZE_HEAD_KEY_MAX];
+} blaze_head_memo;
+
 typedef struct {
     char *buf;                                /* owned by the loop or the pool */
     size_t cap, len;
     blaze_conn *conn;                         /* whose head it is (borrowed), or NULL */
+    blaze_head_memo memo;
 } blaze_head;
 
 typedef struct blaze_pool blaze_pool;

@@ -90,43 +90,21 @@ static blaze_head *head_of(blaze_conn *c)
     return c->in_thread ? c->thread_head : &c->loop->head;
 }
 
-/* Validate and frame status + headers into head_of(c). */
-static int frame_head(blaze_conn *c, const char *status, size_t slen, const char *hdrs,
-                      size_t hlen, int nhdrs, long long body_len)
+/* Validate status + headers and frame them (status line, then the app's
+ * headers less the hop-by-hop ones) at the start of hd->buf, which has room;
+ * hd->memo then describes them. */
+static int frame_fixed(blaze_head *hd, const char *status, size_t slen, const char *hdrs,
+                       size_t hlen, int nhdrs)
 {
-    blaze_loop *loop = c->loop;
-    blaze_head *hd = head_of(c);
-    if (conn_dead(c))
-        BAD("client disconnected");
-    if (c->resp_started)
-        BAD("response already started");
+    blaze_head_memo *m = &hd->memo;
+    m->remembered = 0;               /* buf is overwritten from here on */
     if (slen < 3 || status[0] < '1' || status[0] > '5' || status[1] < '0' || status[1] > '9' ||
         status[2] < '0' || status[2] > '9' || (slen > 3 && status[3] != ' '))
         BAD("invalid status line %.40s (want \"200 OK\")", status);
     for (size_t i = 4; i < slen; i++)
         if (!blaze_field_char((unsigned char)status[i]))
             BAD("invalid character in status line");
-    int code = (status[0] - '0') * 100 + (status[1] - '0') * 10 + (status[2] - '0');
-    c->resp_status = code;
-    size_t rl = slen > 4 ? slen - 4 : 0;
-    if (rl > sizeof(c->resp_reason))
-        rl = sizeof(c->resp_reason);
-    memcpy(c->resp_reason, status + 4, rl);
-    c->resp_reason_len = (unsigned short)rl;
-    if (nhdrs < 0 || (nhdrs == 0 && hlen != 0))
-        BAD("malformed header list");
 
-    size_t need = 16 + slen + hlen + 4 * (size_t)nhdrs + 256 + BLAZE_COALESCE;
-    if (need > hd->cap) {
-        size_t cap = hd->cap ? hd->cap : 4096;
-        while (cap < need)
-            cap *= 2;
-        char *h = realloc(hd->buf, cap);
-        if (h == NULL)
-            BAD("out of memory");
-        hd->buf = h;
-        hd->cap = cap;
-    }
     char *p = hd->buf;
     PUT_LIT(p, "HTTP/1.1 ");
     PUT(p, status, slen);
@@ -198,16 +176,70 @@ static int frame_head(blaze_conn *c, const char *status, size_t slen, const char
     }
     if (h != end)
         BAD("malformed header list (more fields than headers)");
-    if (!have_server)
+    m->code = (status[0] - '0') * 100 + (status[1] - '0') * 10 + (status[2] - '0');
+    m->have_server = have_server != 0;
+    m->have_date = have_date != 0;
+    m->conn_close = conn_close != 0;
+    m->cl = cl;
+    m->fixed_len = (size_t)(p - hd->buf);
+    if (slen + hlen <= sizeof(m->key)) {      /* a longer head is framed anew each time */
+        memcpy(m->key, status, slen);
+        memcpy(m->key + slen, hdrs, hlen);
+        m->slen = slen;
+        m->hlen = hlen;
+        m->nhdrs = nhdrs;
+        m->remembered = 1;
+    }
+    return BLAZE_OK;
+}
+
+/* Validate and frame status + headers into head_of(c). */
+static int frame_head(blaze_conn *c, const char *status, size_t slen, const char *hdrs,
+                      size_t hlen, int nhdrs, long long body_len)
+{
+    blaze_loop *loop = c->loop;
+    blaze_head *hd = head_of(c);
+    if (conn_dead(c))
+        BAD("client disconnected");
+    if (c->resp_started)
+        BAD("response already started");
+    if (nhdrs < 0 || (nhdrs == 0 && hlen != 0))
+        BAD("malformed header list");
+    size_t need = 16 + slen + hlen + 4 * (size_t)nhdrs + 256 + BLAZE_COALESCE;
+    if (need > hd->cap) {
+        size_t cap = hd->cap ? hd->cap : 4096;
+        while (cap < need)
+            cap *= 2;
+        char *h = realloc(hd->buf, cap);
+        if (h == NULL)
+            BAD("out of memory");
+        hd->buf = h;
+        hd->cap = cap;
+    }
+    blaze_head_memo *m = &hd->memo;
+    if (!(m->remembered && slen == m->slen && hlen == m->hlen && nhdrs == m->nhdrs &&
+          memcmp(m->key, status, slen) == 0 && memcmp(m->key + slen, hdrs, hlen) == 0) &&
+        frame_fixed(hd, status, slen, hdrs, hlen, nhdrs) != BLAZE_OK)
+        return BLAZE_ERR;
+    int code = m->code;
+    c->resp_status = code;
+    size_t rl = slen > 4 ? slen - 4 : 0;
+    if (rl > sizeof(c->resp_reason))
+        rl = sizeof(c->resp_reason);
+    memcpy(c->resp_reason, status + 4, rl);
+    c->resp_reason_len = (unsigned short)rl;
+    long long cl = m->cl;
+    char *p = hd->buf + m->fixed_len;
+    if (!m->have_server)
         PUT_LIT(p, "Server: BlazeWSGI\r\n");
-    if (!have_date)
+    if (!m->have_date)
         PUT(p, blaze_date_header, strlen(blaze_date_header));
 
     int no_body_status = code < 200 || code == 204 || code == 304;
     c->resp_nobody = c->is_head || no_body_status;
     c->resp_chunked = 0;
     c->resp_left = -1;
-    if (conn_close)
+    if (m->conn_close)
         c->resp_close = 1;
     if (no_body_status) {
         c->resp_left = 0;

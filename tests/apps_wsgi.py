@@ -174,6 +174,22 @@ def r_vary(environ, start_response):
     return [b"vary"]
 
 
+SHARED_HEADERS = [CT, ("X-V", "0"), ("Content-Length", "2")]
+
+
+def r_shared_headers(environ, start_response):
+    """One header list object for every response, its X-V set in place to ?v."""
+    SHARED_HEADERS[1] = ("X-V", _q1(environ, "v"))
+    start_response("200 OK", SHARED_HEADERS)
+    return [b"ok"]
+
+
+def r_long_head(environ, start_response):
+    """X-Long of ?n bytes: past what C remembers of a head (BLAZE_HEAD_KEY_MAX)."""
+    start_response("200 OK", [CT, ("Content-Length", "4"), ("X-Long", "L" * int(_q1(environ, "n")))])
+    return [b"long"]
+
+
 def r_double_start(environ, start_response):
     """start_response twice without exc_info: PEP 3333 says that is an error."""
     start_response("200 OK", [CT, ("X-First", "1")])
@@ -455,6 +471,8 @@ ROUTES = {
     "/stream": r_stream,
     "/many-headers": r_many_headers,
     "/vary": r_vary,
+    "/shared-headers": r_shared_headers,
+    "/long-head": r_long_head,
     "/double-start": r_double_start,
     "/big": r_big,
     "/closing": r_closing,

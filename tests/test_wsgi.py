@@ -223,6 +223,41 @@ def test_a_header_given_as_a_list_is_sent(srv):
             assert (r.status, r.get("X-List"), r.body) == (200, "yes", b"ok")
 
 
+def test_one_header_list_changed_in_place_between_responses(srv):
+    """The last head sent is remembered (wsgi._last, and C's blaze_head_memo):
+    an app that hands over the same list object each time, changed in place,
+    gets its current headers sent, also when they repeat or come back."""
+    with HTTPConn.connect(srv) as c:
+        for v in ("a", "b", "b", "c", "a", "a"):
+            r = c.request(get(f"/shared-headers?v={v}"))
+            assert (r.status, r.get("X-V"), r.body) == (200, v, b"ok")
+
+
+def test_heads_too_long_to_remember_between_short_ones(srv):
+    """C remembers a head of up to 1 KiB; longer ones are framed each time,
+    and the short head before them is still right after them."""
+    with HTTPConn.connect(srv) as c:
+        for n in (10, 3000, 3000, 10, 1500, 10, 10):
+            r = c.request(get(f"/long-head?n={n}"))
+            assert (r.status, r.get("X-Long"), r.body) == (200, "L" * n, b"long")
+            assert r.get("Server") and r.get("Date")
+
+
+def test_a_remembered_connection_close_closes_each_time(srv):
+    """The app's Connection: close is remembered with its head: the same head
+    again still closes its connection, and a keep-alive head after it does not."""
+    for _ in range(2):
+        with HTTPConn.connect(srv) as c:
+            c.send(get("/conn-close") + get("/never"))
+            r = c.response()
+            assert r.body == b"bye" and [v.lower() for v in r.all("connection")] == ["close"]
+            assert c.at_eof(5)
+    with HTTPConn.connect(srv) as c:
+        for _ in range(2):
+            r = c.request(get("/shared-headers?v=k"))
+            assert (r.get("X-V"), r.get("Connection")) == ("k", None)
+
+
 def test_environ_methods(srv):
     with HTTPConn.connect(srv) as c:
         for method in ("GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
