@@ -37,8 +37,8 @@ DEPENDENCIES = [
 # threads > 1 the loop calls none of them: app threads call blaze_pool_next.
 EXTERN_PYTHON = """
 extern "Python+C" {
-    int blaze_py_request(blaze_conn *c, int keyset, const char *values, size_t values_len,
-                         int listener, const blaze_request *req);
+    int blaze_py_request(blaze_conn *c, int keyset, size_t values_len, int listener,
+                         const blaze_request *req);
     int blaze_py_resume(blaze_conn *c, unsigned long long conn_id);
     void blaze_py_abort(unsigned long long conn_id);
 }

@@ -134,6 +134,7 @@ def run(cfg, listeners, ready_fd, master_pid, slot=ffi.NULL, max_requests=0, rat
             if lib.blaze_loop_listen(loop, lst.fileno(), 1 if on else 0, err, 256) < 0:
                 log.error("Cannot listen on %s: %s", lst.name, ffi.string(err).decode())
                 return 1
+        wsgi.use_loop(loop)
         if cfg.threads > 1:
             threads.start(loop, cfg.threads)
         os.write(ready_fd, b"%d\n" % os.getpid())

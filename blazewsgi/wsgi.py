@@ -67,6 +67,17 @@ class FileWrapper:
         raise StopIteration
 
 
+_values = None      # the loop's values block, an ffi.buffer (use_loop)
+
+
+def use_loop(loop):
+    """The worker's loop, before it runs: _values is its values block (see
+    blaze_loop_values), read in place; slicing an ffi.buffer costs less than
+    ffi.unpack of a pointer C passes."""
+    global _values
+    _values = ffi.buffer(lib.blaze_loop_values(loop), lib.blaze_loop_values_cap(loop))
+
+
 def setup(app, listeners, multiprocess, threads=1, tls=None):
     """Called once per worker before the loop runs; tls[i]: listener i speaks TLS."""
     global _app
@@ -144,7 +155,7 @@ def _header_block(headers):
 
 def _head(status, headers):
     """(status bytes, header block) for C: the last head sent (_last, which
-    _respond also checks inline), else a remembered one (_heads), else a new
+    blaze_py_request also checks inline), else a remembered one (_heads), else a new
     one (_new_head)."""
     ls, lh, st, hb = _last
     if status == ls and headers == lh:
@@ -427,13 +438,6 @@ def _compiled_builder(keys):
     return namespace["build"]
 
 
-@ffi.def_extern(onerror=lambda *exc: log.critical("blaze_py_request failed", exc_info=exc) or ERROR)
-def blaze_py_request(conn, keyset, values, values_len, listener, req):
-    # Everything on the common path is inline: each Python call costs.
-    build = _keysets[keyset][1] if keyset >= 0 else _learn_keys(-keyset - 1, req)
-    return _respond(conn, build(_bases[listener], _unpack(values, values_len)), req)
-
-
 def _serve(conn, req):
     """threads > 1: blaze_py_request in an app thread.  A key set C calls known
     may have been learned by another thread that has not stored it yet."""
@@ -444,13 +448,24 @@ def _serve(conn, req):
         gen, build = _keysets[slot]
         if gen != req.keygen:
             build = _learn_keys(slot, req)
-    return _respond(conn, build(_bases[req.listener], _unpack(req.values, req.values_len)), req, True)
+    return blaze_py_request(conn, slot, req.values_len, req.listener, req,
+                            build, _unpack(req.values, req.values_len))
 
 
-def _respond(conn, environ, req, defer=False):
-    """Call the app and send its response; DONE, STREAM or ERROR.  defer (an app
-    thread): a one-item response comes back as (r, status, headers, body) for
-    the thread to hand to C with the connection (threads.py)."""
+@ffi.def_extern(onerror=lambda *exc: log.critical("blaze_py_request failed", exc_info=exc) or ERROR)
+def blaze_py_request(conn, keyset, values_len, listener, req, build=None, block=None):
+    """Build the environ, call the app and send its response; DONE, STREAM or
+    ERROR.  From C (threads = 1): the values are the first values_len bytes
+    of the loop's values block (_values).  From _serve (an app thread), with
+    the builder it chose and the block: a one-item response comes back as
+    (r, status, headers, body) for the thread to hand to C with the
+    connection (threads.py).  Everything on the common path is inline: each
+    Python call costs."""
+    defer = build is not None
+    if not defer:
+        build = _keysets[keyset][1] if keyset >= 0 else _learn_keys(-keyset - 1, req)
+        block = _values[:values_len]
+    environ = build(_bases[listener], block)
     r = _spare.pop() if _spare else _Response()
     r.conn = conn
     r.status = r.headers = None

@@ -43,10 +43,16 @@
  * is long.  While requests take longer than this on average, none is held. */
 #define BLAZE_CORK_SECONDS 0.001
 #define BLAZE_BUF_SIZE(lim) ((size_t)(lim)->head_buffer_size + BLAZE_BODY_SLACK)
+/* A client certificate's subject longer than this is cut (it goes into every environ). */
+#define TLS_DN_MAX 2048
+/* Room for either half of an environ block (keys, values) of any request
+ * the limits let in: the head twice (PATH_INFO and QUERY_STRING repeat the
+ * target), "HTTP_" and two NULs per header, the fixed names, the DN. */
+#define BLAZE_ENV_HALF(lim) (2 * BLAZE_BUF_SIZE(lim) + 7 * (size_t)(lim)->limit_request_fields + 512 + TLS_DN_MAX)
 
 /* Calls into Python (defined by CFFI from build_ffi.py). */
-int blaze_py_request(blaze_conn *c, int keyset, const char *values, size_t values_len,
-                     int listener, const blaze_request *req);
+int blaze_py_request(blaze_conn *c, int keyset, size_t values_len, int listener,
+                     const blaze_request *req);
 int blaze_py_resume(blaze_conn *c, unsigned long long conn_id);
 void blaze_py_abort(unsigned long long conn_id);
 
@@ -154,8 +160,10 @@ struct blaze_loop {
     int exit_code;
     unsigned long long next_id;
     http_parser_settings settings;
-    char *scratch;                            /* owned: the environ block */
-    size_t scratch_cap;
+    char *scratch;                            /* owned: the environ block, BLAZE_ENV_HALF
+                                               * keys then as much values, never moved:
+                                               * Python reads the values in place
+                                               * (blaze_loop_values) */
     blaze_head head;                          /* the loop thread's pending head */
     blaze_keyset keysets[BLAZE_KEYSETS];      /* key sets Python has seen, by slot */
     unsigned keygen;                          /* last blaze_keyset.gen handed out */

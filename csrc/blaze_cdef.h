@@ -162,6 +162,10 @@ blaze_loop *blaze_loop_new(const blaze_limits *limits, char *err, size_t errlen)
 /* tls: connections accepted on fd speak TLS (needs limits.tls). */
 int blaze_loop_listen(blaze_loop *loop, int fd, int tls, char *err, size_t errlen);
 int blaze_loop_run(blaze_loop *loop);
+/* threads = 1: where blaze_py_request's values_len bytes of values lie, at
+ * every request (never moved while the loop lives), and their room. */
+const char *blaze_loop_values(blaze_loop *loop);
+size_t blaze_loop_values_cap(blaze_loop *loop);
 void blaze_loop_free(blaze_loop *loop);
 
 /* Response, called from Python during blaze_py_request / blaze_py_resume.

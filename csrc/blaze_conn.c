@@ -587,7 +587,7 @@ static int dispatch(blaze_conn *c)
     /* no body: the head just completed, t_start is still "now" */
     stats_busy_at(loop, c->body_kind == BODY_NONE ? c->t_start : stats_now());
     conn_flush_before_app(loop);
-    int rc = blaze_py_request(c, req.keyset, req.values, req.values_len, req.listener, &req);
+    int rc = blaze_py_request(c, req.keyset, req.values_len, req.listener, &req);
     stats_idle(loop);
     return after_python(c, rc);
 }

@@ -456,7 +456,7 @@ blaze_loop *blaze_loop_new(const blaze_limits *limits, char *err, size_t errlen)
         snprintf(err, errlen, "cannot register signal handlers");
         goto fail;
     }
-    if (buf_reserve(&loop->scratch, &loop->scratch_cap, 8192) != BLAZE_OK) {
+    if ((loop->scratch = malloc(2 * BLAZE_ENV_HALF(&loop->lim))) == NULL) {
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
@@ -539,6 +539,16 @@ static int close_all(blaze_loop *loop)
         c = next;
     }
     return held;
+}
+
+const char *blaze_loop_values(blaze_loop *loop)
+{
+    return loop->scratch + BLAZE_ENV_HALF(&loop->lim);
+}
+
+size_t blaze_loop_values_cap(blaze_loop *loop)
+{
+    return BLAZE_ENV_HALF(&loop->lim);
 }
 
 int blaze_loop_run(blaze_loop *loop)

@@ -42,8 +42,6 @@
 
 /* The most plaintext one SSL_write is given: one TLS record. */
 #define TLS_RECORD 16384
-/* A client certificate's subject longer than this is cut (it goes into every environ). */
-#define TLS_DN_MAX 2048
 
 struct blaze_tls {
     SSL_CTX *ctx;                             /* owned */

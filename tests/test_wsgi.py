@@ -205,6 +205,28 @@ def test_environ_right_before_and_after_its_key_set_is_compiled(srv):
             assert many_seen == ({f"HTTP_X_MANY_{k}": f"m{k}-{i}" for k in range(60)} if kind == 2 else {})
 
 
+def test_environ_of_a_head_at_every_limit(server_factory):
+    """The environ block has a fixed room sized from the limits (BLAZE_ENV_HALF):
+    a head that fills head_buffer_size with the most header fields and a
+    target that is all query (PATH_INFO and QUERY_STRING both repeat it)
+    arrives whole, and so does a small request after it."""
+    srv = server_factory("apps_wsgi:app", extra={"head_buffer_size": 2048, "limit_request_line": 1536,
+                                                 "limit_request_fields": 100}).start()
+    names = [f"{a}{b}" for a in "ABCDEFGHIJ" for b in "0123456789"][:99]      # + Host
+    fields = "".join(f"{n}: v\r\n" for n in names)
+    line_room = 2048 - len(fields) - len("Host: t\r\n\r\n") - len("GET /environ? HTTP/1.1\r\n")
+    query = "q" * min(line_room, 1536 - len("GET /environ? HTTP/1.1"))
+    head = f"GET /environ?{query} HTTP/1.1\r\nHost: t\r\n{fields}\r\n".encode()
+    assert 1900 < len(head) <= 2048
+    with HTTPConn.connect(srv) as c:
+        env = json.loads(c.request(head).body)
+        assert (env["PATH_INFO"], env["QUERY_STRING"], env["HTTP_HOST"]) == ("/environ", query, "t")
+        assert {k: v for k, v in env.items() if len(k) == 7 and k.startswith("HTTP_")} == \
+            {f"HTTP_{n}": "v" for n in names}
+        env = json.loads(c.request(get("/environ?small")).body)
+        assert (env["QUERY_STRING"], env.get("HTTP_A0")) == ("small", None)
+
+
 def test_response_heads_that_vary_each_get_their_own(srv):
     """Status lines and headers are remembered (wsgi._heads); an app whose head
     changes on every response gets each one right, past the table's size."""
