@@ -401,7 +401,11 @@ void http_body_direct_took(blaze_conn *c, size_t n);
 int http_build_environ(blaze_conn *c, blaze_request *req);
 
 extern const unsigned char blaze_tchar[256];
-int blaze_field_char(unsigned char ch);
+/* field-value bytes: HTAB, SP, VCHAR, obs-text */
+static inline int blaze_field_char(unsigned char ch)
+{
+    return ch == '\t' || (ch >= 0x20 && ch != 0x7f);
+}
 
 /* blaze_tls.c: the TLS side of a connection (see the file's comment). */
 int tls_conn_init(blaze_conn *c, blaze_tls *tls);

@@ -42,12 +42,6 @@ const unsigned char blaze_tchar[256] = {
     ['y'] = 1, ['z'] = 1,
 };
 
-/* field-value bytes: HTAB, SP, VCHAR, obs-text */
-int blaze_field_char(unsigned char ch)
-{
-    return ch == '\t' || (ch >= 0x20 && ch != 0x7f);
-}
-
 static int hexval(unsigned char ch)
 {
     if (ch >= '0' && ch <= '9') return ch - '0';
@@ -283,16 +277,21 @@ static void trim_value(const blaze_conn *c, blaze_header *h)
     }
 }
 
-/* RFC 9112 3.2: Host = uri-host [ ":" port ]; an empty value is allowed. */
+/* RFC 9112 3.2: Host = uri-host [ ":" port ]; an empty value is allowed.
+ * uri-host's bytes (RFC 3986: unreserved, sub-delims, pct-encoded, the IP
+ * literal's brackets) and the port's ":". */
+static const unsigned char host_char[256] = {
+    ['0' ... '9'] = 1, ['A' ... 'Z'] = 1, ['a' ... 'z'] = 1,
+    ['-'] = 1, ['.'] = 1, ['_'] = 1, ['~'] = 1, ['!'] = 1, ['$'] = 1, ['&'] = 1, ['\''] = 1,
+    ['('] = 1, [')'] = 1, ['*'] = 1, ['+'] = 1, [','] = 1, [';'] = 1, ['='] = 1, [':'] = 1,
+    ['%'] = 1, ['['] = 1, [']'] = 1,
+};
+
 static int valid_host(const char *v, size_t n)
 {
-    static const char extra[] = "-._~!$&'()*+,;=:%[]";
-    for (size_t i = 0; i < n; i++) {
-        unsigned char ch = (unsigned char)v[i];
-        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
-              (ch != 0 && memchr(extra, ch, sizeof(extra) - 1) != NULL)))
+    for (size_t i = 0; i < n; i++)
+        if (!host_char[(unsigned char)v[i]])
             return 0;
-    }
     return 1;
 }
 
@@ -707,8 +706,14 @@ static int put_path(envw *w, const char *s, size_t n)
  * -(slot + 1) and Python learns it from req->keys. */
 static int keyset_slot(blaze_loop *loop, const char *keys, size_t len)
 {
-    uint64_t h = 1469598103934665603ULL;          /* FNV-1a */
-    for (size_t i = 0; i < len; i++)
+    uint64_t h = 1469598103934665603ULL;          /* FNV-1a, over 8 bytes at a time */
+    size_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        uint64_t w;
+        memcpy(&w, keys + i, 8);
+        h = (h ^ w) * 1099511628211ULL;
+    }
+    for (; i < len; i++)
         h = (h ^ (unsigned char)keys[i]) * 1099511628211ULL;
     int slot = (int)((h ^ (h >> 32)) & (BLAZE_KEYSETS - 1));
     blaze_keyset *ks = &loop->keysets[slot];

@@ -476,3 +476,19 @@ def test_expect_100_continue_with_http_client_style_flow(srv):
             r = c.response()
         assert body_json(r)["length"] == len(data)
         assert c.request(get("/next")).body == b"GET /next"
+
+
+def test_each_byte_in_a_host_value(srv):
+    """RFC 9112 3.2 / RFC 3986: a Host value holds letters, digits,
+    -._~!$&'()*+,;=%, the IP literal's [] and the port's ":"; any other byte
+    in it is a 400 (CR and LF end the line, so they are left out here)."""
+    allowed = set(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:%[]")
+    wrong = []
+    for b in range(256):
+        if b in b"\r\n":
+            continue
+        with HTTPConn.connect(srv) as c:
+            r = c.request(b"GET /h HTTP/1.1\r\nHost: a" + bytes([b]) + b"a\r\n\r\n")
+            if r.status != (200 if b in allowed else 400):
+                wrong.append((b, r.status))
+    assert wrong == []
