@@ -886,6 +886,11 @@ int conn_write_out(blaze_conn *c)
 {
     if (c->ssl)
         return tls_write_out(c);
+    /* Nothing (more): say so.  evbuffer_write of an empty buffer is -1, which
+     * made a corked connection whose output on_write had already written
+     * (a too-big response behind it asked for the write) look broken. */
+    if (c->out == NULL || evbuffer_get_length(c->out) == 0)
+        return 0;
     int n = evbuffer_write(c->out, c->fd);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
         return 0;

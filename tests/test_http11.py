@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import re
+import threading
 import time
 from urllib.parse import quote
 
@@ -238,6 +239,26 @@ def test_a_body_read_straight_from_the_socket_then_a_pipelined_request(srv):
         assert (got["length"], got["sha256"]) == (len(body), hashlib.sha256(body).hexdigest())
         assert c.response().body == b"GET /after"
         assert c.response().body == b"GET /after2"
+
+
+def test_pipelined_small_answers_to_a_client_that_reads_late(srv):
+    """Small answers are corked (held to the end of the loop's pass).  3000
+    pipelined requests, answers of ~150 and ~1,000 bytes mixed, sent while
+    the client does not read yet: the socket fills, answers queue behind the
+    corked ones and go out when it drains; every answer arrives, in order,
+    and the connection lives on.  (It was reset: a corked connection whose
+    output had already been written looked broken.)"""
+    pad = "x" * 850
+    reqs = [get(f"/raw/list?body=s{i}") if i % 3 else get(f"/raw/list?body=m{i}{pad}") for i in range(3000)]
+    with HTTPConn.connect(srv, timeout=30) as c:
+        sender = threading.Thread(target=c.send, args=(b"".join(reqs),))
+        sender.start()
+        time.sleep(0.5)            # let the answers pile up unread (no readiness to wait for)
+        for i in range(3000):
+            r = c.response()
+            assert (r.status, r.body) == (200, (f"s{i}" if i % 3 else f"m{i}{pad}").encode()), i
+        sender.join(10)
+        assert c.request(get("/after")).body == b"GET /after"
 
 
 def test_pipelining_large_responses(srv):
