@@ -39,6 +39,10 @@
  * its ready connections ends, then written one after another: the client
  * is woken once per pass, not once per response (blaze_conn.c, cork). */
 #define BLAZE_CORK_MAX 16384
+/* A connection's corked output up to this size waits in c->cork, a flat
+ * buffer written with one send(2); more goes through c->out (an evbuffer,
+ * whose chains are allocated and freed per response). */
+#define BLAZE_CORK_FLAT 1024
 /* ... but none is held longer than about this (seconds): a slow app's pass
  * is long.  While requests take longer than this on average, none is held. */
 #define BLAZE_CORK_SECONDS 0.001
@@ -217,6 +221,8 @@ struct blaze_conn {
     uint64_t t_taken;                         /* CLOCK_MONOTONIC ns it was taken by a thread (queued: t_job) */
     unsigned long long served;                /* responses completed on this connection */
     struct evbuffer *out;                     /* owned, created on the first short write */
+    size_t cork_len;                          /* corked bytes in cork: written before out's */
+    char cork[BLAZE_CORK_FLAT];
 
     /* Read buffer: fixed size, holds a whole request head. */
     char *buf;                                /* owned */

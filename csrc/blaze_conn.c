@@ -274,7 +274,8 @@ int conn_dead(const blaze_conn *c)
  * interrupt, costly in a VM) cost our worker more than the write itself:
  * 15 us of kernel time per request.  So the end of a small response on a
  * kept-alive connection (blaze_resp_simple, blaze_resp_last: c->cork_ok)
- * is copied to c->out and the connection put in loop->corked;
+ * is copied to c->cork (or c->out, see BLAZE_CORK_FLAT) and the connection
+ * put in loop->corked;
  * conn_flush_corked writes them one after another when the pass ends
  * (blaze_loop_run), or sooner once the first has waited BLAZE_CORK_SECONDS,
  * or before the app is called while requests average longer than that
@@ -294,12 +295,19 @@ static int cork(blaze_conn *c, const struct iovec *iov, int n, size_t total)
     long long pending = write_pending(c);
     if ((pending > 0 && !c->corked) || (size_t)pending + total > BLAZE_CORK_MAX)
         return 0;             /* output already waiting on the socket, or too big to copy */
-    if (c->out == NULL && (c->out = evbuffer_new()) == NULL)
-        return 0;
-    size_t before = evbuffer_get_length(c->out);
-    for (int i = 0; i < n; i++)
-        if (evbuffer_add(c->out, iov[i].iov_base, iov[i].iov_len) != 0)
-            return evbuffer_get_length(c->out) == before ? 0 : -1;   /* -1: out of memory, half queued */
+    if ((size_t)pending == c->cork_len && c->cork_len + total <= sizeof(c->cork)) {
+        for (int i = 0; i < n; i++) {     /* nothing in c->out: the flat buffer keeps the order */
+            memcpy(c->cork + c->cork_len, iov[i].iov_base, iov[i].iov_len);
+            c->cork_len += iov[i].iov_len;
+        }
+    } else {
+        if (c->out == NULL && (c->out = evbuffer_new()) == NULL)
+            return 0;
+        size_t before = evbuffer_get_length(c->out);
+        for (int i = 0; i < n; i++)
+            if (evbuffer_add(c->out, iov[i].iov_base, iov[i].iov_len) != 0)
+                return evbuffer_get_length(c->out) == before ? 0 : -1;   /* -1: out of memory, half queued */
+    }
     if (c->corked)
         return 1;
     if (loop->corked.head != NULL && c->t_start - loop->cork_since > BLAZE_CORK_SECONDS)
@@ -885,16 +893,31 @@ void conn_start(blaze_conn *c)
 int conn_write_out(blaze_conn *c)
 {
     if (c->ssl)
-        return tls_write_out(c);
+        return tls_write_out(c);      /* (TLS output is never corked) */
+    int sent = 0;
+    if (c->cork_len > 0) {            /* corked bytes go before any in c->out */
+        ssize_t w;
+        do
+            w = send(c->fd, c->cork, c->cork_len, MSG_NOSIGNAL);
+        while (w < 0 && errno == EINTR);
+        if (w < 0)
+            return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
+        c->cork_len -= (size_t)w;
+        if (c->cork_len > 0) {        /* the socket is full: the rest waits, in front */
+            memmove(c->cork, c->cork + w, c->cork_len);
+            return (int)w;
+        }
+        sent = (int)w;
+    }
     /* Nothing (more): say so.  evbuffer_write of an empty buffer is -1, which
      * made a corked connection whose output on_write had already written
      * (a too-big response behind it asked for the write) look broken. */
     if (c->out == NULL || evbuffer_get_length(c->out) == 0)
-        return 0;
+        return sent;
     int n = evbuffer_write(c->out, c->fd);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
-        return 0;
-    return n;
+        return sent;
+    return n < 0 ? (sent > 0 ? sent : n) : sent + n;   /* an error after some bytes shows next time */
 }
 
 static void on_write(evutil_socket_t fd, short what, void *arg)

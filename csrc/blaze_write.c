@@ -52,7 +52,7 @@ const char *write_reason(int status)
 
 long long write_pending(blaze_conn *c)
 {
-    return c->out ? (long long)evbuffer_get_length(c->out) : 0;
+    return (long long)c->cork_len + (c->out ? (long long)evbuffer_get_length(c->out) : 0);
 }
 
 static int name_eq(const char *a, size_t n, const char *lit, size_t ln)

@@ -242,7 +242,8 @@ def test_a_body_read_straight_from_the_socket_then_a_pipelined_request(srv):
 
 
 def test_pipelined_small_answers_to_a_client_that_reads_late(srv):
-    """Small answers are corked (held to the end of the loop's pass).  3000
+    """Small answers are corked (held to the end of the loop's pass: in the
+    connection's flat buffer up to BLAZE_CORK_FLAT, then its evbuffer).  3000
     pipelined requests, answers of ~150 and ~1,000 bytes mixed, sent while
     the client does not read yet: the socket fills, answers queue behind the
     corked ones and go out when it drains; every answer arrives, in order,
