@@ -1,14 +1,17 @@
 """The WSGI side of a request: environ, start_response, the response.
 
-C calls blaze_py_request once per complete request.  The request arrives
-as one "KEY\\0VALUE\\0..." block that C built (CGI names, HTTP_* already
-upper-cased, PATH_INFO already percent-decoded), so building the environ
-is one decode, one split and one dict update, with no Python work per
-header.  The response goes back the same way: headers joined into one
-"name\\0value\\0..." string that C validates and frames.
+C calls blaze_py_request once per complete request.  C makes the CGI
+names and values (HTTP_* already upper-cased, PATH_INFO already
+percent-decoded).  The names of a key set are learned once (_learn_keys);
+per request only the values come, one "VALUE\\0VALUE\\0..." block read
+in place from the loop's buffer (use_loop).  Building the environ is a
+copy of the listener's base, one decode, one split and one store per
+name, with no Python work per header.  The response goes back the same
+way: a status and the headers joined into one "name\\0value\\0..."
+string, which C validates and frames; both are remembered encoded (_head).
 
 Responses:
-  * a one-item list or tuple (the common case) goes out in one writev
+  * a one-item list or tuple (the common case) goes out in one write
     with its Content-Length: blaze_resp_simple;
   * wsgi.file_wrapper around a real file goes out with sendfile;
   * anything else is iterated; when the socket is slower than the app
@@ -155,8 +158,8 @@ def _header_block(headers):
 
 def _head(status, headers):
     """(status bytes, header block) for C: the last head sent (_last, which
-    blaze_py_request also checks inline), else a remembered one (_heads), else a new
-    one (_new_head)."""
+    blaze_py_request also checks inline), else a remembered one (_heads),
+    else a new one (_new_head)."""
     ls, lh, st, hb = _last
     if status == ls and headers == lh:
         return st, hb

@@ -39,20 +39,21 @@
  * its ready connections ends, then written one after another: the client
  * is woken once per pass, not once per response (blaze_conn.c, cork). */
 #define BLAZE_CORK_MAX 16384
+/* ... but none is held longer than about this (seconds): a slow app's pass
+ * is long.  While requests take longer than this on average, none is held. */
+#define BLAZE_CORK_SECONDS 0.001
 /* A connection's corked output up to this size waits in c->cork, a flat
  * buffer written with one send(2); more goes through c->out (an evbuffer,
  * whose chains are allocated and freed per response). */
 #define BLAZE_CORK_FLAT 1024
-/* ... but none is held longer than about this (seconds): a slow app's pass
- * is long.  While requests take longer than this on average, none is held. */
-#define BLAZE_CORK_SECONDS 0.001
 #define BLAZE_BUF_SIZE(lim) ((size_t)(lim)->head_buffer_size + BLAZE_BODY_SLACK)
 /* A client certificate's subject longer than this is cut (it goes into every environ). */
 #define TLS_DN_MAX 2048
 /* Room for either half of an environ block (keys, values) of any request
  * the limits let in: the head twice (PATH_INFO and QUERY_STRING repeat the
  * target), "HTTP_" and two NULs per header, the fixed names, the DN. */
-#define BLAZE_ENV_HALF(lim) (2 * BLAZE_BUF_SIZE(lim) + 7 * (size_t)(lim)->limit_request_fields + 512 + TLS_DN_MAX)
+#define BLAZE_ENV_HALF(lim) \
+    (2 * BLAZE_BUF_SIZE(lim) + 7 * (size_t)(lim)->limit_request_fields + 512 + TLS_DN_MAX)
 
 /* Calls into Python (defined by CFFI from build_ffi.py). */
 int blaze_py_request(blaze_conn *c, int keyset, size_t values_len, int listener,
@@ -92,8 +93,6 @@ typedef struct {
     unsigned gen;                             /* changes whenever the slot is learned anew */
 } blaze_keyset;
 
-/* A framed response head waiting to go out with the first body bytes: the
- * loop's (threads = 1, and error answers), or one per app thread. */
 /* The status and headers an app gave for the head framed last, so that
  * the same again (an app answers with a few heads over and over) is not
  * validated and framed anew: buf[0:fixed_len] still holds its status line
@@ -110,6 +109,8 @@ typedef struct {
     char key[BLAZE_HEAD_KEY_MAX];
 } blaze_head_memo;
 
+/* A framed response head waiting to go out with the first body bytes: the
+ * loop's (threads = 1, and error answers), or one per app thread. */
 typedef struct {
     char *buf;                                /* owned by the loop or the pool */
     size_t cap, len;
