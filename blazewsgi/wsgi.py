@@ -406,10 +406,10 @@ def _learn_keys(slot, req):
 
 
 def _generic_builder(slot, keys):
-    """A key set's first builder: a base's copy (see _sized) and update(zip()).  Once it has
-    built COMPILE_AFTER environs it puts a compiled builder in its place, so
-    a client that makes up new header names on every request costs no
-    compiling."""
+    """A key set's first builder: a base's copy (see _sized) and
+    update(zip()).  Once it has built COMPILE_AFTER environs it puts a
+    compiled builder in its place, so a client that makes up new header
+    names on every request costs no compiling."""
     left = COMPILE_AFTER
 
     def build(bases, block):

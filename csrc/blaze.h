@@ -103,7 +103,6 @@ typedef struct {
     int remembered;                           /* key holds them (they fit) */
     size_t slen, hlen;                        /* key = status, then the header block */
     int nhdrs;
-    int code;
     unsigned have_server : 1, have_date : 1, conn_close : 1;
     long long cl;                             /* the app's Content-Length, or -1 */
     char key[BLAZE_HEAD_KEY_MAX];

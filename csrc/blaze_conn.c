@@ -359,6 +359,16 @@ static void conn_flush_before_app(blaze_loop *loop)
         conn_flush_corked(loop);
 }
 
+/* Plain socket: send(2) for one piece, writev(2) for more; EINTR retried. */
+static ssize_t sock_send(int fd, const struct iovec *iov, int n)
+{
+    ssize_t w;
+    do
+        w = n == 1 ? send(fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL) : writev(fd, iov, n);
+    while (w < 0 && errno == EINTR);
+    return w;
+}
+
 int conn_send(blaze_conn *c, const struct iovec *iov, int n)
 {
     if (conn_dead(c))
@@ -382,10 +392,7 @@ int conn_send(blaze_conn *c, const struct iovec *iov, int n)
             if (w < 0)
                 errno = EPIPE;
         } else {
-            do {
-                w = n == 1 ? send(c->fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL)
-                           : writev(c->fd, iov, n);
-            } while (w < 0 && errno == EINTR);
+            w = sock_send(c->fd, iov, n);
         }
         if (w < 0) {
             if (errno != EAGAIN && errno != EWOULDBLOCK) {
@@ -896,10 +903,8 @@ int conn_write_out(blaze_conn *c)
         return tls_write_out(c);      /* (TLS output is never corked) */
     int sent = 0;
     if (c->cork_len > 0) {            /* corked bytes go before any in c->out */
-        ssize_t w;
-        do
-            w = send(c->fd, c->cork, c->cork_len, MSG_NOSIGNAL);
-        while (w < 0 && errno == EINTR);
+        struct iovec flat = {c->cork, c->cork_len};
+        ssize_t w = sock_send(c->fd, &flat, 1);
         if (w < 0)
             return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
         c->cork_len -= (size_t)w;

@@ -735,17 +735,19 @@ int http_build_environ(blaze_conn *c, blaze_request *req)
     size_t head = c->head_end - c->start;
     /* Keys: at most the head plus "HTTP_" per header and the fixed names.
      * Values: at most the head plus the target twice (PATH_INFO, QUERY_STRING). */
-    size_t half = 2 * head + 6 * (size_t)c->nhdrs + 512 + c->tls_dn_len;
-    if (half > BLAZE_ENV_HALF(&loop->lim))
-        return 500;                   /* cannot be (the limits bound it): never write past */
-    char **block = &loop->scratch;    /* threads = 1: values read in place (blaze_loop_values) */
-    if (loop->lim.threads > 1) {      /* ... else the block goes with c to a thread */
+    size_t need = 2 * head + 6 * (size_t)c->nhdrs + 512 + c->tls_dn_len;
+    /* threads = 1: the loop's fixed block, whose values Python reads in place
+     * (blaze_loop_values); else a block that goes with c to a thread */
+    char **block = &loop->scratch;
+    size_t half = BLAZE_ENV_HALF(&loop->lim);
+    if (loop->lim.threads > 1) {
         block = &c->env;
+        half = need;
         if (buf_reserve(block, &c->env_cap, 2 * half) != BLAZE_OK)
             return 500;
-    } else {
-        half = BLAZE_ENV_HALF(&loop->lim);
     }
+    if (need > half)
+        return 500;                   /* cannot be (the limits bound it): never write past */
     envw w = {*block, *block + half};
     /* The base environ in Python holds REQUEST_METHOD=GET,
      * SERVER_PROTOCOL=HTTP/1.1 and QUERY_STRING="": only other values are

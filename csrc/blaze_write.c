@@ -176,7 +176,6 @@ static int frame_fixed(blaze_head *hd, const char *status, size_t slen, const ch
     }
     if (h != end)
         BAD("malformed header list (more fields than headers)");
-    m->code = (status[0] - '0') * 100 + (status[1] - '0') * 10 + (status[2] - '0');
     m->have_server = have_server != 0;
     m->have_date = have_date != 0;
     m->conn_close = conn_close != 0;
@@ -221,7 +220,8 @@ static int frame_head(blaze_conn *c, const char *status, size_t slen, const char
           memcmp(m->key, status, slen) == 0 && memcmp(m->key + slen, hdrs, hlen) == 0) &&
         frame_fixed(hd, status, slen, hdrs, hlen, nhdrs) != BLAZE_OK)
         return BLAZE_ERR;
-    int code = m->code;
+    /* three digits: frame_fixed checked them, now or for the same bytes */
+    int code = (status[0] - '0') * 100 + (status[1] - '0') * 10 + (status[2] - '0');
     c->resp_status = code;
     size_t rl = slen > 4 ? slen - 4 : 0;
     if (rl > sizeof(c->resp_reason))
