@@ -260,7 +260,9 @@ SETTINGS = [
     Setting("keepalive_timeout", _float(0.1), 5.0, "Seconds an idle keep-alive connection is kept open.",
             cli=("--keepalive",)),
     Setting("io_timeout", _float(0.1), 30.0,
-            "Seconds without progress while receiving a body or sending a response."),
+            "Seconds without progress while receiving a body or sending a response "
+            "(a body over 64 KiB is read in large steps: one that stalls is closed "
+            "io_timeout to twice it after its last byte)."),
     # --- logging ---
     Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "Server log level.",
             cli=("--log-level",)),

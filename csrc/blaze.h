@@ -46,6 +46,12 @@
  * buffer written with one send(2); more goes through c->out (an evbuffer,
  * whose chains are allocated and freed per response). */
 #define BLAZE_CORK_FLAT 1024
+/* A body read straight into its buffer wakes the loop once this much of it
+ * waits in the socket (SO_RCVLOWAT; see body_lowat in blaze_conn.c), when
+ * at least the minimum is still owed.  The kernel sizes the receive
+ * buffer to hold the mark. */
+#define BLAZE_LOWAT_MIN (64 * 1024)
+#define BLAZE_LOWAT_MAX (1024 * 1024)
 #define BLAZE_BUF_SIZE(lim) ((size_t)(lim)->head_buffer_size + BLAZE_BODY_SLACK)
 /* A client certificate's subject longer than this is cut (it goes into every environ). */
 #define TLS_DN_MAX 2048
@@ -255,6 +261,7 @@ struct blaze_conn {
     size_t body_len, body_cap;
     int body_fd;                              /* owned: -1 or the spill file */
     uint64_t body_total;
+    int lowat;                                /* SO_RCVLOWAT set for a big body, 0: the default (1) */
 
     /* Metrics of the request being served. */
     double t_start;                           /* head complete (CLOCK_MONOTONIC), 0: none */
@@ -404,6 +411,8 @@ blaze_io http_read_body(blaze_conn *c, int *status, const char **why);
  * NULL: read into c->buf as usual.  http_body_direct_took counts what came. */
 char *http_body_direct(blaze_conn *c, size_t *room);
 void http_body_direct_took(blaze_conn *c, size_t n);
+/* The bytes such a direct read still waits for; 0: none, or not direct. */
+uint64_t http_body_awaited(const blaze_conn *c);
 int http_build_environ(blaze_conn *c, blaze_request *req);
 
 extern const unsigned char blaze_tchar[256];

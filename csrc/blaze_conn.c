@@ -681,6 +681,26 @@ void conn_unpark(blaze_conn *c)
         conn_step(c);
 }
 
+/* A big body is read in a few large steps, not in whatever pieces the
+ * network delivers: SO_RCVLOWAT tells the kernel not to wake this loop
+ * until `want` bytes wait.  It is never more than the body still owes, so
+ * its last bytes wake the loop; a close or an error wakes it at once.
+ * Plain TCP only (TLS reads records; a Unix socket's poll ignores the
+ * mark).  0 puts the default (1) back, for the next head.  Progress the
+ * mark hides is looked for when the io timer fires (on_timer). */
+static void body_lowat(blaze_conn *c, uint64_t want)
+{
+    if (c->ssl || c->is_unix || want < BLAZE_LOWAT_MIN)
+        want = 0;
+    else if (want > BLAZE_LOWAT_MAX)
+        want = BLAZE_LOWAT_MAX;
+    if ((int)want == c->lowat)
+        return;
+    int v = want > 0 ? (int)want : 1;
+    if (setsockopt(c->fd, SOL_SOCKET, SO_RCVLOWAT, &v, sizeof(v)) == 0)
+        c->lowat = (int)want;  /* else: woken per piece, as without it */
+}
+
 static void conn_step(blaze_conn *c)
 {
     static const char continue_100[] = "HTTP/1.1 100 Continue\r\n\r\n";
@@ -733,10 +753,13 @@ static void conn_step(blaze_conn *c)
         case CONN_BODY:
             r = http_read_body(c, &status, &why);
             if (r == IO_AGAIN) {
+                body_lowat(c, http_body_awaited(c));
                 timer_set(c, TIMER_IO);
                 read_on(c);
                 return;
             }
+            if (c->lowat)
+                body_lowat(c, 0);
             if (r == IO_CLOSE) {
                 conn_send_error(c, status, why);
                 return;
@@ -979,5 +1002,13 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
      * connection already broken (conn_broken). */
     if (c->state == CONN_HANDSHAKE)
         tls_handshake_failed(c, "not finished within header_timeout");
+    /* Body bytes below the low-water mark are progress the loop was not
+     * woken for: read them, and the io timer starts again.  So a body that
+     * stalls is closed io_timeout to twice it after its last byte. */
+    if (c->state == CONN_BODY && c->lowat > 0) {
+        body_lowat(c, 0);
+        if (read_step(c))
+            return;    /* read and stepped (the mark and the timer set again), or freed */
+    }
     conn_free(c);
 }

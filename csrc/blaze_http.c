@@ -490,14 +490,21 @@ static int body_append(blaze_conn *c, const char *p, size_t n)
     return BLAZE_OK;
 }
 
+uint64_t http_body_awaited(const blaze_conn *c)
+{
+    if (c->body_kind != BODY_LENGTH || c->scan != c->len || c->body_fd >= 0)
+        return 0;
+    if (c->body_len + c->body_left > (uint64_t)c->loop->lim.body_buffer_size)
+        return 0;             /* it spills: read through buf, see body_append */
+    return c->body_left;
+}
+
 char *http_body_direct(blaze_conn *c, size_t *room)
 {
-    if (c->body_kind != BODY_LENGTH || c->scan != c->len || c->body_fd >= 0 || c->body_left == 0)
-        return NULL;
-    size_t need = c->body_len + (size_t)c->body_left;
-    if (need > (size_t)c->loop->lim.body_buffer_size || body_reserve(c, need) != BLAZE_OK)
+    uint64_t left = http_body_awaited(c);
+    if (left == 0 || body_reserve(c, c->body_len + (size_t)left) != BLAZE_OK)
         return NULL;          /* body_append spills, or fails with a 500, as before */
-    *room = (size_t)c->body_left;
+    *room = (size_t)left;
     return c->body + c->body_len;
 }
 

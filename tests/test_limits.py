@@ -303,6 +303,71 @@ def test_io_timeout_is_per_progress(server_factory, tmp_path):
         assert (status, body) == (200, b"5")
 
 
+BIG = 300_000   # over BLAZE_LOWAT_MIN (64 KiB): the worker asks the kernel not to wake it per piece
+
+
+def test_a_big_body_trickled_slowly_is_read_whole(server_factory, tmp_path):
+    """A body big enough to be read in large steps (SO_RCVLOWAT) still counts
+    small pieces as progress: none of them wakes the worker, the io timer
+    finds them."""
+    srv = start(server_factory, tmp_path, io_timeout=1, header_timeout=30, keepalive_timeout=30)
+    piece = b"t" * 1000
+    with srv.connect() as s:
+        s.sendall(b"POST /trickle-big HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % BIG + piece)
+        sent = len(piece)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3.2:      # three io_timeouts of pieces far below the mark
+            time.sleep(0.3)                     # pacing: never 1 s without progress
+            s.sendall(piece)
+            sent += len(piece)
+        status, _, body = request(s, b"t" * (BIG - sent))
+        assert (status, body) == (200, b"%d" % BIG)
+        status, _, _ = request(s, GET)          # and the connection reads heads as before
+        assert status == 200
+    assert hits(srv, "/trickle-big") == [["POST", "/trickle-big", str(BIG)]]
+
+
+def test_a_big_body_that_stalls_is_closed(server_factory, tmp_path):
+    srv = start(server_factory, tmp_path, io_timeout=1, header_timeout=30, keepalive_timeout=30)
+    with srv.connect() as s:
+        s.sendall(b"POST /stalled-big HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % BIG)
+        s.sendall(b"s" * 5000)                  # below the mark, then nothing
+        elapsed, data = wait_closed(s, 6)
+    # Bytes the worker was not woken for are found when the timer fires, and
+    # the timer starts again: closed io_timeout to twice it after the last byte.
+    assert 0.7 <= elapsed <= 3.5, f"stalled big body closed after {elapsed:.2f}s with io_timeout=1"
+    assert data == b"" or data.startswith(b"HTTP/1.1 408 "), data
+    assert hits(srv, "/stalled-big") == []
+    fresh_ok(srv)
+
+
+def test_a_head_after_a_big_body_wakes_the_worker(server_factory, tmp_path):
+    """After a big body the next request's few bytes must wake the worker
+    again (the low-water mark is put back), on the same connection."""
+    srv = start(server_factory, tmp_path, keepalive_timeout=30, header_timeout=30, io_timeout=30)
+    with srv.connect() as s:
+        for i in range(3):
+            status, _, body = request(s, b"POST /big-%d HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                                      % (i, BIG) + b"b" * BIG)
+            assert (status, body) == (200, b"%d" % BIG)
+            status, _, _ = request(s, GET, timeout=5)
+            assert status == 200
+    assert len(hits(srv, "/ok")) == 3
+
+
+def test_a_client_leaving_mid_big_body(server_factory, tmp_path):
+    srv = start(server_factory, tmp_path, keepalive_timeout=30, header_timeout=30, io_timeout=30)
+    t0 = time.monotonic()
+    with srv.connect() as s:
+        s.sendall(b"POST /left-big HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % BIG + b"l" * 100_000)
+        s.shutdown(socket.SHUT_WR)              # the rest never comes
+        elapsed, data = wait_closed(s, 5)       # the worker is woken by the close, not by io_timeout
+    assert data == b"", data
+    assert elapsed < 5 and time.monotonic() - t0 < 10
+    assert hits(srv, "/left-big") == []
+    fresh_ok(srv)
+
+
 # ---- Expect: 100-continue ----
 
 def test_expect_100_continue(server_factory, tmp_path):
