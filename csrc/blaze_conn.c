@@ -359,12 +359,17 @@ static void conn_flush_before_app(blaze_loop *loop)
         conn_flush_corked(loop);
 }
 
-/* Plain socket: send(2) for one piece, writev(2) for more; EINTR retried. */
-static ssize_t sock_send(int fd, const struct iovec *iov, int n)
+/* Plain socket: send(2) for one piece, writev(2) for more; EINTR retried.
+ * flags: 0 or MSG_MORE (sendmsg(2) then, for more than one piece). */
+static ssize_t sock_send(int fd, const struct iovec *iov, int n, int flags)
 {
+    struct msghdr mh = {0};
+    mh.msg_iov = (struct iovec *)iov;
+    mh.msg_iovlen = (size_t)n;
     ssize_t w;
     do
-        w = n == 1 ? send(fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL) : writev(fd, iov, n);
+        w = n == 1 ? send(fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL | flags)
+          : flags ? sendmsg(fd, &mh, MSG_NOSIGNAL | flags) : writev(fd, iov, n);
     while (w < 0 && errno == EINTR);
     return w;
 }
@@ -387,13 +392,19 @@ int conn_send(blaze_conn *c, const struct iovec *iov, int n)
     /* An app thread only fills c->out; the loop writes it. */
     if (write_pending(c) == 0 && !c->in_thread) {
         ssize_t w;
+        /* The whole last piece of a response that ends the connection: the
+         * FIN rides in its segment (MSG_MORE holds the bytes for the
+         * shutdown right after), one packet less for both ends. */
+        int last = c->cork_ok && c->resp_close && !c->ssl;
         if (c->ssl) {
             w = tls_send(c, iov, n);
             if (w < 0)
                 errno = EPIPE;
         } else {
-            w = sock_send(c->fd, iov, n);
+            w = sock_send(c->fd, iov, n, last ? MSG_MORE : 0);
         }
+        if (last && w == (ssize_t)total)
+            shutdown(c->fd, SHUT_WR);  /* (if it fails, the close that follows sends all) */
         if (w < 0) {
             if (errno != EAGAIN && errno != EWOULDBLOCK) {
                 conn_broken(c);
@@ -927,7 +938,7 @@ int conn_write_out(blaze_conn *c)
     int sent = 0;
     if (c->cork_len > 0) {            /* corked bytes go before any in c->out */
         struct iovec flat = {c->cork, c->cork_len};
-        ssize_t w = sock_send(c->fd, &flat, 1);
+        ssize_t w = sock_send(c->fd, &flat, 1, 0);
         if (w < 0)
             return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
         c->cork_len -= (size_t)w;
