@@ -369,6 +369,9 @@ void conn_free(blaze_conn *c);
 void conn_close_if_idle(blaze_conn *c);
 void conn_request_done(blaze_conn *c);
 int conn_send(blaze_conn *c, const struct iovec *iov, int n);
+/* The same for a response's final bytes: if the response ends the
+ * connection, its FIN goes in the same segment. */
+int conn_send_last(blaze_conn *c, const struct iovec *iov, int n);
 void conn_send_error(blaze_conn *c, int status, const char *why);
 void conn_broken(blaze_conn *c);
 void conn_want_write(blaze_conn *c);

@@ -374,7 +374,8 @@ static ssize_t sock_send(int fd, const struct iovec *iov, int n, int flags)
     return w;
 }
 
-int conn_send(blaze_conn *c, const struct iovec *iov, int n)
+/* conn_send, conn_send_last: last says these are the response's final bytes. */
+static int send_or_queue(blaze_conn *c, const struct iovec *iov, int n, int last)
 {
     if (conn_dead(c))
         return BLAZE_ERR;
@@ -392,10 +393,10 @@ int conn_send(blaze_conn *c, const struct iovec *iov, int n)
     /* An app thread only fills c->out; the loop writes it. */
     if (write_pending(c) == 0 && !c->in_thread) {
         ssize_t w;
-        /* The whole last piece of a response that ends the connection: the
-         * FIN rides in its segment (MSG_MORE holds the bytes for the
-         * shutdown right after), one packet less for both ends. */
-        int last = c->cork_ok && c->resp_close && !c->ssl;
+        /* The final bytes of a response that ends the connection: the FIN
+         * rides in their segment (MSG_MORE holds them for the shutdown
+         * right after), one packet less for both ends. */
+        last = last && c->resp_close && !c->ssl;
         if (c->ssl) {
             w = tls_send(c, iov, n);
             if (w < 0)
@@ -440,6 +441,16 @@ int conn_send(blaze_conn *c, const struct iovec *iov, int n)
     if (c->timer != TIMER_LINGER)
         timer_set(c, TIMER_IO);
     return BLAZE_OK;
+}
+
+int conn_send(blaze_conn *c, const struct iovec *iov, int n)
+{
+    return send_or_queue(c, iov, n, 0);
+}
+
+int conn_send_last(blaze_conn *c, const struct iovec *iov, int n)
+{
+    return send_or_queue(c, iov, n, 1);
 }
 
 /* Answer an HTTP error and close: the connection lingers, discarding what

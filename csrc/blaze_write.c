@@ -426,7 +426,7 @@ int blaze_resp_finish(blaze_conn *c)
     }
     if (c->resp_left > 0 && !c->resp_nobody)
         c->resp_close = 1;   /* shorter than its Content-Length: only a close can tell */
-    return n > 0 ? conn_send(c, iov, n) : BLAZE_OK;
+    return n > 0 ? conn_send_last(c, iov, n) : BLAZE_OK;
 }
 
 int blaze_resp_last(blaze_conn *c, const char *data, size_t len)
@@ -458,7 +458,7 @@ int blaze_resp_simple(blaze_conn *c, const char *status, size_t status_len,
     if (c->resp_left > 0 && !c->resp_nobody)
         c->resp_close = 1;
     c->cork_ok = 1;
-    int rc = conn_send(c, iov, n);
+    int rc = conn_send_last(c, iov, n);
     c->cork_ok = 0;
     if (rc != BLAZE_OK) {
         BAD("client disconnected");

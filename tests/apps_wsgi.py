@@ -112,7 +112,8 @@ def r_text(environ, start_response):
 
 def r_gen(environ, start_response):
     """A generator yielding each ?c= value (empty ones too); ?cl=N sets Content-Length;
-    ?big=N appends an N-byte chunk."""
+    ?big=N appends an N-byte chunk; ?list=1: the list of them instead (sized, so its last
+    block is known as such)."""
     q = _qs(environ)
     headers = [CT]
     if "cl" in q:
@@ -121,6 +122,9 @@ def r_gen(environ, start_response):
     items = [c.encode("latin-1") for c in q.get("c", [])]
     if "big" in q:
         items.append(b"x" * int(q["big"][0]))
+
+    if "list" in q:
+        return items
 
     def gen():
         yield from items
@@ -515,6 +519,16 @@ def raw_list(environ, start_response):
     return [body]
 
 
+def raw_items(environ, start_response):
+    """A plain list of the ?c= values, not validated (so its iterator is sized and
+    its last block known as such); ?cl=N declares a Content-Length."""
+    headers = [CT]
+    if _q1(environ, "cl"):
+        headers.append(("Content-Length", _q1(environ, "cl")))
+    start_response("200 OK", headers)
+    return [c.encode("latin-1") for c in _qs(environ).get("c", [])]
+
+
 class TrackedFile(io.FileIO):
     """A real file that logs read() and close() calls to a marker file."""
 
@@ -635,6 +649,7 @@ def raw_list_header(environ, start_response):
 RAW_ROUTES = {
     "/raw/list-header": raw_list_header,
     "/raw/list": raw_list,
+    "/raw/items": raw_items,
     "/raw/sendfile": raw_sendfile,
     "/raw/invalid": raw_invalid,
     "/raw/status-only": raw_status_only,

@@ -365,6 +365,27 @@ def test_http10_response_without_length_is_close_delimited(srv):
         assert c.read_to_eof() == b"abcdef"
 
 
+@pytest.mark.parametrize("target, version, body", [
+    ("/raw/list?body=one-block", "1.1", b"one-block"),        # head and body in one call
+    ("/raw/items?c=ab&c=cd&c=ef", "1.1", b"abcdef"),          # chunked: the last block, then 0
+    ("/raw/items?c=ab&c=cd&c=ef&cl=6", "1.1", b"abcdef"),
+    ("/raw/items?c=ab&c=cd&c=ef", "1.0", b"abcdef"),          # the close ends the body
+    ("/gen?c=ab&c=cd", "1.1", b"abcd"),
+    ("/status?code=204", "1.1", b""),
+])
+def test_an_answer_that_ends_the_connection_arrives_whole(srv, target, version, body):
+    """The last bytes of an answer that closes the connection go with the FIN
+    (MSG_MORE, then the write side shut): nothing of it may be cut off."""
+    with HTTPConn.connect(srv) as c:
+        c.send(get(target, version=version, headers=[("Connection", "close")] if version == "1.1" else ()))
+        r = c.response()
+        if version == "1.0":
+            assert r.body + c.read_to_eof() == body
+        else:
+            assert r.complete is not False and r.body == body, (r.raw_head, r.body)
+            assert c.at_eof(5), "the connection must close after the answer"
+
+
 @pytest.mark.parametrize("version", ["1.1", "1.0"])
 def test_one_item_list_gets_content_length(srv, version):
     with HTTPConn.connect(srv) as c:
