@@ -405,7 +405,7 @@ static int send_or_queue(blaze_conn *c, const struct iovec *iov, int n, int last
             w = sock_send(c->fd, iov, n, last ? MSG_MORE : 0);
         }
         if (last && w == (ssize_t)total)
-            shutdown(c->fd, SHUT_WR);  /* (if it fails, the close that follows sends all) */
+            (void)shutdown(c->fd, SHUT_WR);  /* if it fails, the close that follows sends all */
         if (w < 0) {
             if (errno != EAGAIN && errno != EWOULDBLOCK) {
                 conn_broken(c);
