@@ -359,17 +359,20 @@ static void conn_flush_before_app(blaze_loop *loop)
         conn_flush_corked(loop);
 }
 
-/* Plain socket: send(2) for one piece, writev(2) for more; EINTR retried.
- * flags: 0 or MSG_MORE (sendmsg(2) then, for more than one piece). */
+/* Plain socket: send(2) for one piece, sendmsg(2) for more; EINTR
+ * retried.  flags: 0 or MSG_MORE. */
 static ssize_t sock_send(int fd, const struct iovec *iov, int n, int flags)
 {
-    struct msghdr mh = {0};
-    mh.msg_iov = (struct iovec *)iov;
-    mh.msg_iovlen = (size_t)n;
     ssize_t w;
+    if (n == 1) {
+        do
+            w = send(fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL | flags);
+        while (w < 0 && errno == EINTR);
+        return w;
+    }
+    struct msghdr mh = {.msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)n};
     do
-        w = n == 1 ? send(fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL | flags)
-          : flags ? sendmsg(fd, &mh, MSG_NOSIGNAL | flags) : writev(fd, iov, n);
+        w = sendmsg(fd, &mh, MSG_NOSIGNAL | flags);
     while (w < 0 && errno == EINTR);
     return w;
 }
@@ -396,15 +399,15 @@ static int send_or_queue(blaze_conn *c, const struct iovec *iov, int n, int last
         /* The final bytes of a response that ends the connection: the FIN
          * rides in their segment (MSG_MORE holds them for the shutdown
          * right after), one packet less for both ends. */
-        last = last && c->resp_close && !c->ssl;
+        int fin = last && c->resp_close && !c->ssl;
         if (c->ssl) {
             w = tls_send(c, iov, n);
             if (w < 0)
                 errno = EPIPE;
         } else {
-            w = sock_send(c->fd, iov, n, last ? MSG_MORE : 0);
+            w = sock_send(c->fd, iov, n, fin ? MSG_MORE : 0);
         }
-        if (last && w == (ssize_t)total)
+        if (fin && w == (ssize_t)total)
             (void)shutdown(c->fd, SHUT_WR);  /* if it fails, the close that follows sends all */
         if (w < 0) {
             if (errno != EAGAIN && errno != EWOULDBLOCK) {

@@ -97,20 +97,33 @@ static int others_less_loaded(const blaze_loop *loop)
  * are awake; a worker alone takes it in one pass. */
 #define BLAZE_ACCEPT_BATCH 64
 
+/* Listening resumes in usec (on_accept_pause_over). */
+static void pause_accepts(blaze_loop *loop, long usec)
+{
+    struct timeval tv = {0, usec};
+    event_add(loop->accept_pause, &tv);
+}
+
+/* 1: the next connection is left to a less loaded worker for 1 ms (the
+ * slot still says we accept: we are back in a moment); then taken here. */
+static int defer_accept(blaze_loop *loop)
+{
+    if (loop->accept_deferred || !others_less_loaded(loop)) {
+        loop->accept_deferred = 0;
+        return 0;
+    }
+    loop->accept_deferred = 1;
+    listen_events(loop, 0);
+    pause_accepts(loop, 1000);
+    return 1;
+}
+
 static void on_accept(evutil_socket_t fd, short what, void *arg)
 {
     blaze_listener *l = arg;
     blaze_loop *loop = l->loop;
     (void)what;
-    for (int i = 0; i < BLAZE_ACCEPT_BATCH && loop->accepting; i++) {
-        if (!loop->accept_deferred && others_less_loaded(loop)) {
-            loop->accept_deferred = 1;
-            listen_events(loop, 0);
-            struct timeval tv = {0, 1000};
-            event_add(loop->accept_pause, &tv);
-            return;
-        }
-        loop->accept_deferred = 0;
+    for (int i = 0; i < BLAZE_ACCEPT_BATCH && loop->accepting && !defer_accept(loop); i++) {
         struct sockaddr_storage ss;
         socklen_t sl = sizeof(ss);
         int cfd = accept4(fd, (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -121,8 +134,7 @@ static void on_accept(evutil_socket_t fd, short what, void *arg)
              * than spin on a socket that stays readable. */
             fprintf(stderr, "blazewsgi: accept failed: %s; pausing accepts for 100 ms\n", strerror(errno));
             set_accepting(loop, 0);
-            struct timeval tv = {0, 100000};
-            event_add(loop->accept_pause, &tv);
+            pause_accepts(loop, 100000);
             return;
         }
         blaze_conn *c = conn_new(loop, cfd, l->index, (struct sockaddr *)&ss, (int)sl);

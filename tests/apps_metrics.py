@@ -10,6 +10,8 @@
   /body             reads the whole request body, answers its length
   /stream?n=N&fail=1  streams N chunks of 64 KiB (no Content-Length), pausing 10 ms between
                     them; with fail=1 the iterable raises after the 3rd chunk
+  /order            the REMOTE_PORTs of the last 1000 "anything else" requests this worker
+                    served, in order, one per line
   anything else     answers the worker's pid
 
 Import-time switches (environment, set per server by the test):
@@ -19,6 +21,7 @@ Import-time switches (environment, set per server by the test):
 """
 import os
 import time
+from collections import deque
 from urllib.parse import parse_qs
 from wsgiref.validate import validator
 
@@ -28,6 +31,8 @@ if _boot:
 _fail = os.environ.get("BLAZE_TEST_FAIL_FILE")
 if _fail and os.path.exists(_fail):
     raise RuntimeError("metrics test: this import is made to fail")
+
+_served = deque(maxlen=1000)   # REMOTE_PORTs, for /order
 
 REASONS = {200: "OK", 201: "Created", 204: "No Content", 301: "Moved Permanently", 302: "Found",
            304: "Not Modified", 400: "Bad Request", 404: "Not Found", 418: "I'm a teapot",
@@ -94,5 +99,8 @@ def app(environ, start_response):
                     time.sleep(0.01)
                 yield b"s" * 65536
         return gen()
+    if path == "/order":
+        return _answer(start_response, "\n".join(_served).encode())
+    _served.append(environ["REMOTE_PORT"])
     _read_all(environ)
     return _answer(start_response, str(pid).encode())

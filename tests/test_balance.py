@@ -11,7 +11,7 @@ import threading
 
 from conftest import read_response, request, wait_until
 
-APP = "apps_metrics:app"          # /sleep?s=X&mark=F, and anything else answers the worker's pid
+APP = "apps_metrics:app"          # /sleep?s=X&mark=F, /order, and anything else answers the worker's pid
 
 
 def pid_of(conn):
@@ -73,10 +73,10 @@ def test_a_burst_of_connects_is_taken_in_one_wake_up(server_factory, tmp_path):
     first request waited behind ~30 passes, in which the first clients' next
     requests were served: the 64th of wrk's connections to a 0.5 ms Django view
     waited ~1 s.)"""
-    srv = server_factory(app="apps_burst:app", workers=1).start()
+    srv = server_factory(app=APP, workers=1).start()
     mark = os.path.join(tmp_path, "gate")
     gate = srv.connect(timeout=20)
-    gate.sendall(f"GET /gate?s=1&mark={mark} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    gate.sendall(f"GET /sleep?s=1&mark={mark} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     wait_until(lambda: os.path.exists(mark), 10, what="the gate request to reach the worker")
     conns = []
     for _ in range(30):           # queued behind the busy worker, first request included
