@@ -132,6 +132,19 @@ def orm(request):
     return HttpResponse(User.objects.only("username").get(pk=1).username)
 '''
 
+# The Django app as a server that never calls the response's close() runs it
+# (fastwsgi 0.0.9; test_conformance.py measures which servers do): the
+# response is iterated, close() is not called, so Django's request_finished
+# (closing old database connections, among others) never runs.
+DJANGO_NOCLOSE = '''\
+"""The Django app without the response's close(): what a server that skips it runs."""
+from myproject.wsgi import application as django_application
+
+
+def application(environ, start_response):
+    return list(django_application(environ, start_response))
+'''
+
 DJANGO_URLS = '''\
 from django.urls import path
 
@@ -178,6 +191,13 @@ def django_workload(scratch: Path) -> AppSpec:
     """A Django view returning HttpResponse("Hello") through the default middleware."""
     root = _django_project(scratch)
     return AppSpec("myproject.wsgi:application", root, [root, peers_site_packages()], expect_body=b"Hello")
+
+
+def django_noclose_workload(scratch: Path) -> AppSpec:
+    """The Django hello view, its response iterated but never closed (see DJANGO_NOCLOSE)."""
+    root = _django_project(scratch)
+    (root / "myproject" / "noclose.py").write_text(DJANGO_NOCLOSE)
+    return AppSpec("myproject.noclose:application", root, [root, peers_site_packages()], expect_body=b"Hello")
 
 
 def django_orm_workload(scratch: Path) -> AppSpec:
@@ -287,6 +307,8 @@ WORKLOADS: dict[str, Callable[[Path], AppSpec]] = {
     "hello": hello_workload,
     "hello-close": hello_close_workload,
     "django": django_workload,
+    "django-noclose": django_noclose_workload,
+    "closing": lambda scratch: _bench_app("closing", b"ok"),
     "django-orm": django_orm_workload,
     "django-orm-pg": django_orm_pg_workload,
     "sleep10ms": sleep_workload,
@@ -565,7 +587,9 @@ LAUNCHERS: dict[str, Launcher] = {l.name: l for l in [
     _ours("blazewsgi+nginx", {"socket_mode": "0666"}, via_nginx=True,
           note="nginx (1 worker) -> Unix socket, upstream keep-alive"),
     _peer("bjoern", _serve_py("bjoern"), ("bjoern",), "bjoern", note="pre-forked by peers/serve.py"),
-    _peer("fastwsgi", _serve_py("fastwsgi"), ("fastwsgi",), "fastwsgi", note="its own fork per worker"),
+    _peer("fastwsgi", _serve_py("fastwsgi"), ("fastwsgi",), "fastwsgi",
+          note="its own fork per worker; never calls the response's close() (test_conformance.py), "
+               "so Django's request_finished does not run: see django-noclose"),
     _peer("meinheld", _serve_py("meinheld"), ("meinheld",), "meinheld", note="pre-forked by peers/serve.py"),
     _peer("granian", _granian, (), "granian", executable="granian", note="--interface wsgi, default threads"),
     _peer("uwsgi", _uwsgi, (), "uwsgi", executable="uwsgi",

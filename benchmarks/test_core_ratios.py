@@ -37,6 +37,10 @@ COMPARISONS = [
                targets=(Target("rps", 1.0), Target("p99", 1.0))),
     Comparison("django", 2, "blazewsgi", PEERS_2W, title="Django hello view", targets=(
         Target("rps", 1.0), Target("rps", 2.0, ("gunicorn-sync",)), Target("p99", 1.0))),
+    # the same view, its response iterated but never closed, as fastwsgi runs it
+    # (test_conformance.py): every server doing the same, lighter, work
+    Comparison("django-noclose", 2, "blazewsgi", ("bjoern", "fastwsgi"),
+               title="Django hello view, response not closed", targets=(Target("rps", 1.0),)),
     Comparison("django-orm", 2, "blazewsgi", PEERS_2W, title="Django ORM read (SQLite)",
                targets=(Target("rps", 1.0),)),
     # issue 6: one ORM read from a real PostgreSQL (started by the harness), a persistent
