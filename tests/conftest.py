@@ -21,6 +21,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
 
 
+def server_env():
+    """The environment of a server or CLI process the tests start: tests/ and
+    the repository first on PYTHONPATH, and for sanitizer runs the sanitizer
+    runtimes preloaded (BLAZE_SERVER_LD_PRELOAD; only these processes get it,
+    not pytest, which an ASan-built module could not load into).  ROOT comes
+    first, so a sanitizer run starts pytest from the sanitizer-built copy of
+    the tree (as tests/fuzz_campaign.py says); from this checkout the servers
+    would load its plain module with only the sanitizers' allocator."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([TESTS, ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    if os.environ.get("BLAZE_SERVER_LD_PRELOAD"):
+        env["LD_PRELOAD"] = os.environ["BLAZE_SERVER_LD_PRELOAD"]
+    return env
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,10 +80,7 @@ class Server:
             else:
                 f.write("[server]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
         self.log_path = os.path.join(tmp_path, "server.log")
-        self.env = dict(os.environ)
-        self.env["PYTHONPATH"] = os.pathsep.join([TESTS, ROOT] + ([self.env["PYTHONPATH"]] if self.env.get("PYTHONPATH") else []))
-        if os.environ.get("BLAZE_SERVER_LD_PRELOAD"):   # sanitizer runs: only the server gets it
-            self.env["LD_PRELOAD"] = os.environ["BLAZE_SERVER_LD_PRELOAD"]
+        self.env = server_env()
         self.env.update(env or {})
         self.proc = None
 

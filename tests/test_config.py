@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, TESTS, free_port, http_probe, stop_process, wait_until
+from conftest import ROOT, free_port, http_probe, server_env, stop_process, wait_until
 
 from blazewsgi.config import SETTINGS
 
@@ -35,9 +35,7 @@ def application(environ, start_response):
 
 
 def env():
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([TESTS, ROOT] + ([e["PYTHONPATH"]] if e.get("PYTHONPATH") else []))
-    return e
+    return server_env()
 
 
 def run(args, cwd, timeout=20):

@@ -22,7 +22,7 @@ import time
 import pytest
 
 from apps_reload import SLOW_BOOT, alive, children
-from conftest import ROOT, TESTS, free_port, request, wait_until
+from conftest import free_port, request, server_env, wait_until
 
 APP = "apps_reload:app"
 
@@ -175,10 +175,7 @@ class Activated:
         self.proc = None
 
     def start(self):
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([TESTS, ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
-        if os.environ.get("BLAZE_SERVER_LD_PRELOAD"):   # sanitizer runs, as in conftest
-            env["LD_PRELOAD"] = os.environ["BLAZE_SERVER_LD_PRELOAD"]
+        env = server_env()
         for k in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET"):
             env.pop(k, None)
         fds = [s.fileno() for s in self.socks]
