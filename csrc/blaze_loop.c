@@ -592,13 +592,13 @@ size_t blaze_loop_values_cap(blaze_loop *loop)
 }
 
 /* After a pass that answered requests, let whatever else waits for this CPU
- * run first.  A worker whose clients keep it busy never sleeps in the
- * poll, so the scheduler takes it off the CPU only at a tick (4 ms at
- * Debian's HZ=250): with more busy processes than cores (two workers and
- * a load generator on two cores; workers = 2 x cores + 1) the clients of
- * the worker left waiting saw that tick as latency (hello, 2 workers, wrk
- * -c64 on 2 cores: p99 4.3 ms, 1.5 ms with the yield; RESULTS.md).  When
- * nothing else is runnable here the call returns at once. */
+ * run first.  A worker whose clients keep it busy never sleeps in the poll,
+ * so the scheduler takes it off the CPU only at a tick (4 ms at Debian's
+ * HZ=250).  With more busy processes than cores (two workers and a load
+ * generator on two cores; gunicorn's advice of 2 x cores + 1 workers) the
+ * clients of the worker left waiting saw that tick as latency (hello, 2
+ * workers, wrk -c64 on 2 cores: p99 4.3 ms, 1.5-2.3 ms with the yield;
+ * RESULTS.md).  When nothing else is runnable here the call returns at once. */
 static void yield_after_pass(blaze_loop *loop, unsigned long long answered_before)
 {
     if (loop->responses != answered_before)
