@@ -109,6 +109,11 @@ def sleep_workload(scratch: Path) -> AppSpec:
     return _bench_app("sleep", b"slept")
 
 
+def closing_workload(scratch: Path) -> AppSpec:
+    """An iterable that counts its close() calls (test_conformance.py)."""
+    return _bench_app("closing", b"ok")
+
+
 def big_response_workload(scratch: Path) -> AppSpec:
     return _bench_app("big", b"x" * 64)
 
@@ -308,7 +313,7 @@ WORKLOADS: dict[str, Callable[[Path], AppSpec]] = {
     "hello-close": hello_close_workload,
     "django": django_workload,
     "django-noclose": django_noclose_workload,
-    "closing": lambda scratch: _bench_app("closing", b"ok"),
+    "closing": closing_workload,
     "django-orm": django_orm_workload,
     "django-orm-pg": django_orm_pg_workload,
     "sleep10ms": sleep_workload,

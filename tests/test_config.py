@@ -34,13 +34,9 @@ def application(environ, start_response):
 '''
 
 
-def env():
-    return server_env()
-
-
 def run(args, cwd, timeout=20):
     """Run the CLI to completion (a config error must exit at once)."""
-    return subprocess.run(args, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(args, cwd=cwd, env=server_env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -319,7 +315,7 @@ def launched(tmp_path):
 
     def launch(args, cwd, port):
         log = open(os.path.join(str(tmp_path), f"launched-{len(procs)}.log"), "wb")
-        p = subprocess.Popen(args, cwd=str(cwd), env=env(), stdout=log, stderr=subprocess.STDOUT,
+        p = subprocess.Popen(args, cwd=str(cwd), env=server_env(), stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True)
         p.log_path = log.name
         procs.append((p, log))

@@ -37,7 +37,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from apphelp import read_mark
 from apps_log import ACCESS
-from conftest import free_port, http_probe, read_response, request, start_nginx, stop_nginx, wait_until
+from conftest import (free_port, http_probe, read_response, request, server_env, start_nginx, stop_nginx,
+                      wait_until)
 
 TOO_MANY = b"429 Too Many Requests: rate limit exceeded\n"
 COMPLETE = re.compile(r"(?i)reload complete")
@@ -749,14 +750,14 @@ CONFIG_ERRORS = [
 
 
 def _cli(tmp_path, settings, *args):
-    from test_config import BLAZE, env
+    from test_config import BLAZE
     (tmp_path / "marker_app.py").write_text(
         "import os\nopen(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'IMPORTED'), 'w').close()\n"
         "def application(environ, start_response):\n    start_response('200 OK', [])\n    return [b'']\n")
     cfg = tmp_path / "config.ini"
     cfg.write_text("[server]\nwsgi_path = marker_app:application\nmin_workers = 1\n"
                    f"sockets = 127.0.0.1:{free_port()}\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
-    return subprocess.run([BLAZE, *args, str(cfg)], cwd=tmp_path, env=env(), capture_output=True, text=True,
+    return subprocess.run([BLAZE, *args, str(cfg)], cwd=tmp_path, env=server_env(), capture_output=True, text=True,
                           timeout=20)
 
 
