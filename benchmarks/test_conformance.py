@@ -34,14 +34,16 @@ def test_calls_close(app_specs, tmp_path, server):
     if reason:
         pytest.skip(f"{server}: {reason}")
     with harness.Server(launcher, app_specs.get("closing"), 1, tmp_path / "server.log") as srv:
-        before = closed_count(srv.port)         # the readiness check's requests closed or not
+        # the readiness check's requests, closed or not; a threaded server may
+        # close the last of them only after this count (then one more below)
+        before = closed_count(srv.port)
         for _ in range(REQUESTS):
             assert harness.http_get(srv.port, "/") == (200, b"ok")
         # a threaded server may close the last one just after it answered: poll briefly
         deadline = time.monotonic() + 2.0
         while (closed := closed_count(srv.port) - before) < REQUESTS and time.monotonic() < deadline:
             time.sleep(0.05)
-    calls_close = closed == REQUESTS
+    calls_close = closed >= REQUESTS
     expected = server not in SKIPS_CLOSE
     assert calls_close == expected, (
         f"{server} called close() for {closed} of {REQUESTS} responses; "
