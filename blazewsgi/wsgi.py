@@ -41,6 +41,7 @@ DONE = lib.BLAZE_PY_DONE
 STREAM = lib.BLAZE_PY_STREAM
 ERROR = lib.BLAZE_PY_ERROR
 HIGH_WATER = 256 * 1024
+BODY_KEEP = lib.BLAZE_BODY_KEEP
 
 _app = None
 _bases = []          # per listener index: (base environ, in a grown table, room): see _sized
@@ -223,6 +224,69 @@ class _EmptyInput:
 _EMPTY_INPUT = _EmptyInput()
 
 
+class _BodyRaw(io.RawIOBase):
+    """The raw stream under wsgi.input for a body bigger than C keeps per
+    connection (BLAZE_BODY_KEEP): C hands over its buffer (blaze_body_take)
+    and reads copy out of it, so a 1 MiB body is not first copied whole
+    into a bytes object.  Closed (and the buffer freed) when the response
+    is done, like a spilled body's file, or when the reader is collected."""
+
+    def __init__(self, ptr, size):
+        super().__init__()
+        self._p = ffi.gc(ptr, lib.blaze_body_free)
+        self._size = size
+        self._pos = 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def readinto(self, b):
+        if self._p is None:
+            raise ValueError("I/O operation on closed file")
+        n = min(len(b) * (b.itemsize if isinstance(b, memoryview) else 1), self._size - self._pos)
+        if n <= 0:
+            return 0
+        ffi.memmove(b, self._p + self._pos, n)
+        self._pos += n
+        return n
+
+    def readall(self):
+        if self._p is None:
+            raise ValueError("I/O operation on closed file")
+        n = self._size - self._pos
+        if n <= 0:
+            return b""
+        data = _unpack(self._p + self._pos, n)
+        self._pos = self._size
+        return data
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        if self._p is None:
+            raise ValueError("I/O operation on closed file")
+        base = (0, self._pos, self._size)[whence] if whence in (0, 1, 2) else None
+        if base is None:
+            raise ValueError(f"invalid whence ({whence!r}, should be 0, 1 or 2)")
+        pos = base + offset
+        if pos < 0:
+            raise ValueError(f"negative seek position {pos}")
+        self._pos = pos
+        return pos
+
+    def tell(self):
+        if self._p is None:
+            raise ValueError("I/O operation on closed file")
+        return self._pos
+
+    def close(self):
+        p, self._p = self._p, None
+        if p is not None:
+            ffi.release(p)     # frees it now, not when the last reference goes
+        super().close()
+
+
 class _Response:
     """One request's response state; reused across requests (see _spare)."""
     __slots__ = ("conn", "status", "headers", "sent", "result", "it", "input", "start", "_write")
@@ -382,12 +446,17 @@ _unpack = ffi.unpack
 _resp_simple = lib.blaze_resp_simple
 
 
-def _body_input(r, req):
+def _body_input(r, req, conn):
     if req.body_len == 0:            # e.g. an empty chunked body
         return io.BytesIO()
     if req.body_fd >= 0:
         r.input = open(os.dup(req.body_fd), "rb")
         return r.input
+    if req.body_len > BODY_KEEP:
+        ptr = lib.blaze_body_take(conn)
+        if ptr != ffi.NULL:
+            r.input = io.BufferedReader(_BodyRaw(ptr, req.body_len))
+            return r.input
     return io.BytesIO(_unpack(req.body, req.body_len))
 
 
@@ -475,7 +544,7 @@ def blaze_py_request(conn, keyset, values_len, listener, req, build=None, block=
     r.sent = False
     try:
         if "CONTENT_LENGTH" in environ:
-            environ["wsgi.input"] = _body_input(r, req)
+            environ["wsgi.input"] = _body_input(r, req, conn)
         r.result = result = _app(environ, r.start)
         # One block of bytes (the common case) goes out with the status and
         # headers in one write: a one-item list, or an iterable whose iterator

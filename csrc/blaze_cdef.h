@@ -157,6 +157,17 @@ int blaze_pool_reply(blaze_loop *loop, int thread, blaze_conn *done,
                      const char *status, size_t status_len, const char *hdrs, size_t hdrs_len,
                      int nhdrs, const char *body, size_t body_len, blaze_job *job);
 
+/* A body buffer up to this size stays with its connection for the next
+ * request; a bigger one is freed after its request, or handed to Python
+ * (blaze_body_take) for wsgi.input to read in place. */
+enum { BLAZE_BODY_KEEP = 65536 };
+/* During blaze_py_request (an app thread's: until it hands the connection
+ * back): the buffer holding a body bigger than BLAZE_BODY_KEEP bytes
+ * (req.body; C would free it after the request), now the caller's, to free
+ * with blaze_body_free.  NULL: the body is small or in a file, and stays C's. */
+char *blaze_body_take(blaze_conn *c);
+void blaze_body_free(char *p);
+
 /* Loop: one per worker process. Errors come back as text in err. */
 blaze_loop *blaze_loop_new(const blaze_limits *limits, char *err, size_t errlen);
 /* tls: connections accepted on fd speak TLS (needs limits.tls). */

@@ -135,7 +135,7 @@ void http_request_reset(blaze_conn *c)
         close(c->body_fd);
         c->body_fd = -1;
     }
-    if (c->body_cap > 64 * 1024) {     /* don't keep a big body buffer per idle connection */
+    if (c->body_cap > BLAZE_BODY_KEEP) {   /* don't keep a big body buffer per idle connection */
         free(c->body);
         c->body = NULL;
         c->body_cap = 0;
@@ -513,6 +513,22 @@ void http_body_direct_took(blaze_conn *c, size_t n)
     c->body_total += n;
     c->body_len += n;
     c->body_left -= n;
+}
+
+char *blaze_body_take(blaze_conn *c)
+{
+    if (c->body_fd >= 0 || c->body == NULL || c->body_cap <= BLAZE_BODY_KEEP)
+        return NULL;
+    char *p = c->body;        /* its bytes are the request's body_len (body_total) */
+    c->body = NULL;
+    c->body_cap = 0;
+    c->body_len = 0;
+    return p;
+}
+
+void blaze_body_free(char *p)
+{
+    free(p);
 }
 
 /* The body-reading states; 0 is reused before the body starts. */

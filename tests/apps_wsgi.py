@@ -434,7 +434,8 @@ def r_input(environ, start_response):
     """Apply ?ops=op,op,... to wsgi.input and return the results as JSON (latin-1).
 
     Ops: read (no argument), read:N, readline, readline:N, readlines, iter
-    (iterate the server's object), viter (iterate the validator's wrapper).
+    (iterate the server's object), viter (iterate the validator's wrapper),
+    seek:N (the object underneath; answers the new position).
     wsgiref.validate's InputWrapper only allows read(size), so read() and
     the server's own __iter__ are exercised on the object underneath it."""
     wrapped = environ["wsgi.input"]
@@ -452,6 +453,8 @@ def r_input(environ, start_response):
             v = list(raw)
         elif name == "viter":
             v = list(wrapped)
+        elif name == "seek":             # not in PEP 3333; a body's input has always had it
+            v = str(raw.seek(int(arg))).encode()
         else:
             raise ValueError(op)
         if isinstance(v, list):

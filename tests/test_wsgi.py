@@ -838,6 +838,8 @@ OPS = [
     "read:20000,read:20000,read:1",
     "readline:1,readline:1,read:100,readlines",
 ]
+# a body's input (BytesIO, the spill file, _BodyRaw) seeks; the shared empty one does not
+SEEK_OPS = ["read:70000,seek:0,readline,seek:65000,read:10,read"]
 
 
 def reference(body, ops):
@@ -851,19 +853,26 @@ def reference(body, ops):
             v = f.readline(int(arg)) if arg else f.readline()
         elif name == "readlines":
             v = f.readlines()
+        elif name == "seek":
+            v = str(f.seek(int(arg))).encode()
         else:
             v = list(f)
         out.append([x.decode("latin-1") for x in v] if isinstance(v, list) else v.decode("latin-1"))
     return out
 
 
+# over BLAZE_BODY_KEEP (64 KiB): C hands its buffer to wsgi.input (_BodyRaw)
+BIG_LINES_BODY = LINES_BODY * 9 + b"\n".join(b"line %d" % i for i in range(20000))
+
+
 @pytest.mark.parametrize("server_name", ["srv", "spill_srv"])
 @pytest.mark.parametrize("framing", ["length", "chunked"])
-@pytest.mark.parametrize("body", [LINES_BODY, b"", b"one line\n"], ids=["lines", "empty", "oneline"])
+@pytest.mark.parametrize("body", [LINES_BODY, BIG_LINES_BODY, b"", b"one line\n"],
+                         ids=["lines", "biglines", "empty", "oneline"])
 def test_input_methods(request, server_name, framing, body):
     server = request.getfixturevalue(server_name)
     with HTTPConn.connect(server) as c:
-        for ops in OPS:
+        for ops in OPS + (SEEK_OPS if body else []):
             r = send_body(c, f"/input?ops={ops}", body, framing)
             assert r.status == 200, (ops, r)
             assert json.loads(r.body) == reference(body, ops), ops
