@@ -262,6 +262,8 @@ struct blaze_conn {
     int body_fd;                              /* owned: -1 or the spill file */
     uint64_t body_total;
     int lowat;                                /* SO_RCVLOWAT set for a big body, 0: the default (1) */
+    unsigned body_held : 1;                   /* the body's first bytes wait in buf, after the head,
+                                               * for the rest (see http_read_body) */
 
     /* Metrics of the request being served. */
     double t_start;                           /* head complete (CLOCK_MONOTONIC), 0: none */
@@ -408,10 +410,11 @@ void http_request_reset(blaze_conn *c);
  * IO_CLOSE with *status set to the HTTP error to answer (0: just close). */
 blaze_io http_read_head(blaze_conn *c, int *status, const char **why);
 blaze_io http_read_body(blaze_conn *c, int *status, const char **why);
-/* A body with a Content-Length, kept in memory, with nothing of it left
- * unread in c->buf: where the socket may put the body's next bytes itself
- * (one copy fewer, and reads as large as the socket has) and how many;
- * NULL: read into c->buf as usual.  http_body_direct_took counts what came. */
+/* A body with a Content-Length, kept in memory: where the socket may put
+ * the body's next bytes itself (one copy fewer, and reads as large as the
+ * socket has) and how many; NULL: read into c->buf as usual.  The bytes
+ * held in c->buf (body_held) go into the buffer first.
+ * http_body_direct_took counts what came. */
 char *http_body_direct(blaze_conn *c, size_t *room);
 void http_body_direct_took(blaze_conn *c, size_t n);
 /* The bytes such a direct read still waits for; 0: none, or not direct. */

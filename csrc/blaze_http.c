@@ -131,6 +131,7 @@ void http_request_reset(blaze_conn *c)
     c->trailer_bytes = 0;
     c->body_len = 0;
     c->body_total = 0;
+    c->body_held = 0;
     if (c->body_fd >= 0) {
         close(c->body_fd);
         c->body_fd = -1;
@@ -490,20 +491,37 @@ static int body_append(blaze_conn *c, const char *p, size_t n)
     return BLAZE_OK;
 }
 
+/* Body bytes waiting in buf after the head (body_held), not yet counted. */
+static size_t body_held(const blaze_conn *c)
+{
+    return c->body_held ? c->len - c->scan : 0;
+}
+
 uint64_t http_body_awaited(const blaze_conn *c)
 {
-    if (c->body_kind != BODY_LENGTH || c->scan != c->len || c->body_fd >= 0)
+    size_t held = body_held(c);
+    if (c->body_kind != BODY_LENGTH || c->scan + held != c->len || c->body_fd >= 0 ||
+        held >= c->body_left)
         return 0;
     if (c->body_len + c->body_left > (uint64_t)c->loop->lim.body_buffer_size)
         return 0;             /* it spills: read through buf, see body_append */
-    return c->body_left;
+    return c->body_left - held;
 }
 
 char *http_body_direct(blaze_conn *c, size_t *room)
 {
     uint64_t left = http_body_awaited(c);
-    if (left == 0 || body_reserve(c, c->body_len + (size_t)left) != BLAZE_OK)
+    if (left == 0 || body_reserve(c, c->body_len + (size_t)c->body_left) != BLAZE_OK)
         return NULL;          /* body_append spills, or fails with a 500, as before */
+    size_t held = body_held(c);
+    if (held > 0) {
+        memcpy(c->body + c->body_len, c->buf + c->scan, held);
+        c->body_len += held;
+        c->body_total += held;
+        c->body_left -= held;
+        c->len = c->scan = c->head_end;
+    }
+    c->body_held = 0;
     *room = (size_t)left;
     return c->body + c->body_len;
 }
@@ -661,6 +679,18 @@ blaze_io http_read_body(blaze_conn *c, int *status, const char **why)
     blaze_io r;
     if (c->body_kind == BODY_LENGTH) {
         size_t avail = c->len - c->scan;
+        if (c->body_total == 0 && !c->body_held && avail < c->body_left && c->body_fd < 0 &&
+            c->body_left <= (uint64_t)c->loop->lim.body_buffer_size) {
+            /* The head brought only the start of a body read straight into
+             * its buffer: that start waits here, in buf, and the buffer is
+             * made when the rest is in the socket (http_body_direct).  So a
+             * connection waiting for its body holds no buffer, and the one
+             * it gets is likely the last big body's, still in the cache.
+             * Once only: if no direct read comes, the next step appends. */
+            c->body_held = 1;
+            return IO_AGAIN;
+        }
+        c->body_held = 0;
         size_t take = avail < c->body_left ? avail : (size_t)c->body_left;
         if (c->body_total == 0 && c->body_left > (uint64_t)c->loop->lim.body_buffer_size &&
             c->body_fd < 0 && spill_open(c) != BLAZE_OK)

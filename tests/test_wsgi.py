@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from urllib.parse import quote
 
@@ -808,6 +809,27 @@ def test_request_body_spilled_to_file(spill_srv, size, framing):
     with HTTPConn.connect(spill_srv, timeout=60) as c:
         check_body_response(send_body(c, "/body", data, framing), data)
         check_body_response(send_body(c, "/body", data[:50], framing), data[:50])
+
+
+@pytest.mark.parametrize("size", [50_000, 200_000, MiB + 3])
+def test_request_body_that_starts_with_its_head(srv, size):
+    """The head and the body's first bytes in one segment, the rest later in
+    pieces: C keeps that start in its head buffer until the rest waits in
+    the socket (body_held), then makes the body's buffer (under 64 KiB: the
+    connection's own; over: handed to wsgi.input; over body_buffer_size: a
+    file).  The pauses pace the client; nothing waits on them."""
+    data = body_data(size)
+    head = f"POST /body HTTP/1.1\r\nHost: t\r\nContent-Length: {size}\r\n\r\n".encode()
+    with HTTPConn.connect(srv, timeout=30) as c:
+        c.send(head + data[:300])
+        time.sleep(0.05)
+        c.send(data[300:40_000])
+        time.sleep(0.05)
+        c.send(data[40_000:])
+        check_body_response(c.response(), data)
+        # the same connection: the next body (sent whole) and a GET after it
+        check_body_response(send_body(c, "/body", data[::-1], "length"), data[::-1])
+        assert c.request(get("/text")).body == b"GET /text"
 
 
 def test_request_body_chunked_with_curl(srv, tmp_path):
