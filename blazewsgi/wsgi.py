@@ -246,7 +246,7 @@ class _BodyRaw(io.RawIOBase):
     def readinto(self, b):
         if self._p is None:
             raise ValueError("I/O operation on closed file")
-        n = min(len(b) * (b.itemsize if isinstance(b, memoryview) else 1), self._size - self._pos)
+        n = min(b.nbytes if type(b) is memoryview else len(b), self._size - self._pos)
         if n <= 0:
             return 0
         ffi.memmove(b, self._p + self._pos, n)
