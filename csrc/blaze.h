@@ -77,7 +77,8 @@ typedef enum {
     CONN_BODY,    /* reading a request body */
     CONN_APP,     /* inside blaze_py_request / blaze_py_resume */
     CONN_STREAM,  /* app iterator suspended until the output drains */
-    CONN_PARKED,  /* threads > 1: request complete, waiting for room in the thread pool */
+    CONN_PARKED,  /* threads > 1: request complete, waiting for room in the thread pool;
+                   * reading, as in THREAD, only watches for EOF */
     CONN_THREAD,  /* threads > 1: queued for or held by an app thread (blaze_pool.c);
                    * reading only watches for EOF, writing is off */
     CONN_DRAIN,   /* response queued; next request waits for the output to drain */

@@ -166,6 +166,43 @@ def test_disconnect_while_waiting_for_a_thread_skips_the_app(server_factory, tmp
     assert calls == [], f"the app ran for clients that had left: {calls}"
 
 
+def test_parked_client_that_sends_its_next_request_gets_both_answers(server_factory, tmp_path):
+    """threads=2, the pool full (2 running, 2 waiting with Python): on two keep-alive connections
+    (reading on), a request waits in line.  One client sends its next request meanwhile (reading
+    goes off then), the other leaves (seen while parked: its app call never happens).  Both
+    answers come, in order."""
+    srv = make(server_factory, tmp_path, threads=2).start()
+    release, mark = os.path.join(tmp_path, "release"), os.path.join(tmp_path, "started")
+    parked, leaving = srv.connect(), srv.connect()
+    for s in (parked, leaving):                 # served once: their reads are on from now
+        s.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(s)[2] == b"hello"
+    busy = []
+    for i in range(4):                          # 2 threads busy, 2 more jobs wait with Python
+        s = srv.connect()
+        s.sendall(f"GET /wait?f={release}&mark={mark}{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        busy.append(s)
+        if i < 2:
+            wait_until(lambda: os.path.exists(f"{mark}{i}"), 10, what="a thread to take the request")
+    time.sleep(0.3)                             # pacing: the last two reach the pool before the next ones
+    parked.sendall(b"GET /env?parked=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    leaving.sendall(b"GET /env?leaving=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.3)                             # pacing: both wait in line (asserted below, on the app)
+    parked.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+    leaving.close()
+    time.sleep(0.3)
+    open(release, "w").close()
+    for s in busy:
+        assert read_response(s)[0] == 200
+        s.close()
+    answers = [read_response(parked) for _ in range(2)]
+    parked.close()
+    assert [a[0] for a in answers] == [200, 200]
+    assert json.loads(answers[0][2])["PATH_INFO"] == "/env" and answers[1][2] == b"hello"
+    calls = [e for e in events(srv) if e.startswith("called /env")]
+    assert len(calls) == 1, f"the app ran for a client that had left: {calls}"
+
+
 def test_backpressure_bounds_requests_with_python(server_factory, tmp_path):
     """threads=2: at most 4 requests are with Python (in flight); the other 8 wait unread, and
     all 12 are answered."""
