@@ -72,14 +72,30 @@ class FileWrapper:
 
 
 _values = None      # the loop's values block, an ffi.buffer (use_loop)
+_flushes = None     # the loop's count of flushes of held output (blaze_loop_flushes)
+_lent = []          # big bodies C sends from where they lie when the pass ends ...
+_lent_at = 0        # ... lent while the count was this: kept until it moves
 
 
 def use_loop(loop):
     """The worker's loop, before it runs: _values is its values block (see
     blaze_loop_values), read in place; slicing an ffi.buffer costs less than
     ffi.unpack of a pointer C passes."""
-    global _values
+    global _values, _flushes
     _values = ffi.buffer(lib.blaze_loop_values(loop), lib.blaze_loop_values_cap(loop))
+    _flushes = lib.blaze_loop_flushes(loop)
+
+
+def _lend(body):
+    """blaze_resp_simple returned 1: C refers to body until its held output
+    is flushed (conn_lend_last), so body stays alive until then.  What was
+    lent before the last flush can go."""
+    global _lent_at
+    n = _flushes[0]
+    if n != _lent_at:
+        _lent.clear()
+        _lent_at = n
+    _lent.append(body)
 
 
 def setup(app, listeners, multiprocess, threads=1, tls=None):
@@ -537,6 +553,8 @@ def blaze_py_request(conn, keyset, values_len, listener, req, build=None, block=
     if not defer:
         build = _keysets[keyset][1] if keyset >= 0 else _learn_keys(-keyset - 1, req)
         block = _values[:values_len]
+        if _lent and _flushes[0] != _lent_at:
+            _lent.clear()           # written: C no longer refers to them
     environ = build(_bases[listener], block)
     r = _spare.pop() if _spare else _Response()
     r.conn = conn
@@ -565,8 +583,11 @@ def blaze_py_request(conn, keyset, values_len, listener, req, build=None, block=
                 st, hb = _head(r.status, r.headers)
             if defer:
                 return r, st, hb, body
-            if _resp_simple(conn, st, len(st), hb, len(hb), len(r.headers), body, len(body)) != 0:
-                _refused()
+            rc = _resp_simple(conn, st, len(st), hb, len(hb), len(r.headers), body, len(body))
+            if rc != 0:
+                if rc < 0:
+                    _refused()
+                _lend(body)
             if type(result) is list and r.input is None:   # _finish, with nothing to close
                 r.result = None
                 _spare.append(r)

@@ -46,6 +46,13 @@
  * buffer written with one send(2); more goes through c->out (an evbuffer,
  * whose chains are allocated and freed per response). */
 #define BLAZE_CORK_FLAT 1024
+/* A response body at least this big (threads = 1, plain TCP, keep-alive)
+ * is held until the pass ends by reference (conn_lend_last): the pass's
+ * Python runs before its big copies into the kernel, not after each one,
+ * whose cache misses cost more than the copy.  At most BLAZE_LEND_MAX bytes
+ * wait so; more flushes what waits first. */
+#define BLAZE_LEND_MIN (64 * 1024)
+#define BLAZE_LEND_MAX (8 * 1024 * 1024)
 /* A body read straight into its buffer wakes the loop once this much of it
  * waits in the socket (SO_RCVLOWAT; see body_lowat in blaze_conn.c), when
  * at least the minimum is still owed.  The kernel sizes the receive
@@ -187,6 +194,9 @@ struct blaze_loop {
     struct event *pool_watch;                 /* owned: pool_check while jobs wait */
     blaze_queue corked;                       /* threads = 1: output held until the pass ends */
     double cork_since;                        /* t_start of the request corked first */
+    size_t lent;                              /* bytes of Python's bodies in corked output */
+    unsigned long long flushes;               /* conn_flush_corked calls: Python keeps a lent
+                                               * body until this moves (blaze_loop_flushes) */
     double app_avg;                           /* moving average of a request's time, seconds */
     blaze_accesslog alog;
 };
@@ -207,6 +217,7 @@ struct blaze_conn {
     unsigned py_stream : 1;                   /* Python holds state for us (a STREAM) */
     unsigned job : 1;                         /* threads > 1: counted in loop->jobs */
     unsigned corked : 1;                      /* in loop->corked: c->out goes out when the pass ends */
+    unsigned lent : 1;                        /* c->out refers to a body Python keeps (conn_lend_last) */
     blaze_conn *queue_next;                   /* in a blaze_queue (parked, or the pool's) */
     double t_job;                             /* CONN_THREAD since (the hung-request clock) */
     /* threads > 1, while CONN_THREAD (blaze_pool.c).  An app thread that has
@@ -375,6 +386,11 @@ int conn_send(blaze_conn *c, const struct iovec *iov, int n);
 /* The same for a response's final bytes: if the response ends the
  * connection, its FIN goes in the same segment. */
 int conn_send_last(blaze_conn *c, const struct iovec *iov, int n);
+/* A response's head and its big body (iov[1]), held until the pass ends
+ * with the body referred to, not copied: 1 when done so (Python keeps the
+ * body alive until blaze_loop_flushes moves), 0 when the response does not
+ * qualify (send it with conn_send_last). */
+int conn_lend_last(blaze_conn *c, const struct iovec *iov, int n);
 void conn_send_error(blaze_conn *c, int status, const char *why);
 void conn_broken(blaze_conn *c);
 void conn_want_write(blaze_conn *c);

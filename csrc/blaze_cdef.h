@@ -177,6 +177,8 @@ int blaze_loop_run(blaze_loop *loop);
  * every request (never moved while the loop lives), and their room. */
 const char *blaze_loop_values(blaze_loop *loop);
 size_t blaze_loop_values_cap(blaze_loop *loop);
+/* The loop's count of flushes of held output (never moved while the loop lives). */
+const unsigned long long *blaze_loop_flushes(blaze_loop *loop);
 void blaze_loop_free(blaze_loop *loop);
 
 /* Response, called from Python during blaze_py_request / blaze_py_resume.
@@ -202,7 +204,10 @@ int blaze_resp_finish(blaze_conn *c);
 /* The last body bytes and the end of the response (blaze_resp_write, then
  * blaze_resp_finish): 0, or -1 when the client is gone. */
 int blaze_resp_last(blaze_conn *c, const char *data, size_t len);
-/* start + one body + finish in a single write: the common case. */
+/* start + one body + finish in a single write: the common case.  0, -1 as
+ * blaze_resp_start; 1 (threads = 1 only): done, but a big body is sent from
+ * where it lies when the loop's pass ends: keep it alive and unchanged until
+ * *blaze_loop_flushes(loop) moves. */
 int blaze_resp_simple(blaze_conn *c, const char *status, size_t status_len,
                       const char *hdrs, size_t hdrs_len, int nhdrs,
                       const char *body, size_t body_len);

@@ -320,15 +320,75 @@ static int cork(blaze_conn *c, const struct iovec *iov, int n, size_t total)
     return 1;
 }
 
+int conn_lend_last(blaze_conn *c, const struct iovec *iov, int n)
+{
+    blaze_loop *loop = c->loop;
+    size_t total = iov[0].iov_len + iov[1].iov_len;
+    if (n != 2 || iov[1].iov_len < BLAZE_LEND_MIN || loop->lim.threads > 1 || c->in_thread ||
+        c->ssl || !c->keepalive || c->resp_close || c->closing || c->corked ||
+        write_pending(c) > 0 || total > BLAZE_LEND_MAX || conn_dead(c))
+        return 0;
+    if (loop->lent + total > BLAZE_LEND_MAX)
+        conn_flush_corked(loop);  /* what waits goes first: memory held stays bounded */
+    if (c->out == NULL && (c->out = evbuffer_new()) == NULL)
+        return 0;
+    if (evbuffer_add(c->out, iov[0].iov_base, iov[0].iov_len) != 0)
+        return 0;
+    if (evbuffer_add_reference(c->out, iov[1].iov_base, iov[1].iov_len, NULL, NULL) != 0) {
+        evbuffer_drain(c->out, iov[0].iov_len);
+        return 0;
+    }
+    c->lent = 1;
+    loop->lent += total;
+    if (loop->corked.head == NULL)
+        loop->cork_since = c->t_start;
+    c->corked = 1;
+    queue_push(&loop->corked, c);
+    return 1;
+}
+
+/* What a lent body's connection could not write at the flush becomes its
+ * own copy: Python lets the body go once the flush is over. */
+static int unlend(blaze_conn *c)
+{
+    c->lent = 0;
+    size_t left = c->out ? evbuffer_get_length(c->out) : 0;
+    if (left == 0)
+        return BLAZE_OK;
+    struct evbuffer *own = evbuffer_new();
+    struct evbuffer_iovec v;
+    if (own == NULL || evbuffer_reserve_space(own, (ev_ssize_t)left, &v, 1) < 1 || v.iov_len < left) {
+        if (own)
+            evbuffer_free(own);
+        evbuffer_free(c->out);    /* drops the reference with what was left */
+        c->out = NULL;
+        return BLAZE_ERR;
+    }
+    if (evbuffer_copyout(c->out, v.iov_base, left) != (ev_ssize_t)left) {
+        evbuffer_free(own);
+        evbuffer_free(c->out);
+        c->out = NULL;
+        return BLAZE_ERR;
+    }
+    v.iov_len = left;
+    evbuffer_commit_space(own, &v, 1);
+    evbuffer_free(c->out);
+    c->out = own;
+    return BLAZE_OK;
+}
+
 /* Write what corked connections hold.  Never calls Python (it may run
  * inside a Python call, from cork): what waited for the output to drain
- * (a close, lingering) is left to on_write. */
+ * (a close, lingering) is left to on_write.  No connection refers to a
+ * lent body afterwards (flushes moves). */
 void conn_flush_corked(blaze_loop *loop)
 {
     blaze_conn *c;
     while ((c = queue_pop(&loop->corked)) != NULL) {
         c->corked = 0;
         int n = conn_write_out(c);
+        if (c->lent && unlend(c) != BLAZE_OK)
+            n = -1;               /* out of memory: the rest of the response is lost */
         if (n < 0) {
             conn_broken(c);
             continue;
@@ -352,6 +412,8 @@ void conn_flush_corked(blaze_loop *loop)
         if (c->timer != TIMER_LINGER)
             timer_set(c, TIMER_IO);
     }
+    loop->lent = 0;
+    loop->flushes++;
 }
 
 static void conn_flush_before_app(blaze_loop *loop)

@@ -591,6 +591,11 @@ size_t blaze_loop_values_cap(blaze_loop *loop)
     return BLAZE_ENV_HALF(&loop->lim);
 }
 
+const unsigned long long *blaze_loop_flushes(blaze_loop *loop)
+{
+    return &loop->flushes;
+}
+
 /* After a pass that answered requests, let whatever else waits for this CPU
  * run first.  A worker whose clients keep it busy never sleeps in the poll,
  * so the scheduler takes it off the CPU only at a tick (4 ms at Debian's
