@@ -328,8 +328,11 @@ int conn_lend_last(blaze_conn *c, const struct iovec *iov, int n)
         c->ssl || !c->keepalive || c->resp_close || c->closing || c->corked ||
         write_pending(c) > 0 || total > BLAZE_LEND_MAX || conn_dead(c))
         return 0;
-    if (loop->lent + total > BLAZE_LEND_MAX)
-        conn_flush_corked(loop);  /* what waits goes first: memory held stays bounded */
+    /* What waits goes first when it is too much (memory held stays bounded)
+     * or has waited long enough, as in cork. */
+    if (loop->lent + total > BLAZE_LEND_MAX ||
+        (loop->corked.head != NULL && c->t_start - loop->cork_since > BLAZE_CORK_SECONDS))
+        conn_flush_corked(loop);
     if (c->out == NULL && (c->out = evbuffer_new()) == NULL)
         return 0;
     if (evbuffer_add(c->out, iov[0].iov_base, iov[0].iov_len) != 0)
