@@ -268,6 +268,19 @@ int conn_dead(const blaze_conn *c)
            (c->in_thread && (c->thread_broken || __atomic_load_n(&c->gone, __ATOMIC_RELAXED)));
 }
 
+/* c joins the connections whose output waits for the pass's end.  What
+ * waits already goes first if it has waited long enough, or if `flush`. */
+static void cork_join(blaze_conn *c, int flush)
+{
+    blaze_loop *loop = c->loop;
+    if (flush || (loop->corked.head != NULL && c->t_start - loop->cork_since > BLAZE_CORK_SECONDS))
+        conn_flush_corked(loop);
+    if (loop->corked.head == NULL)
+        loop->cork_since = c->t_start;
+    c->corked = 1;
+    queue_push(&loop->corked, c);
+}
+
 /* Corking (threads = 1).  A pass of the loop serves every ready
  * connection in turn.  Writing each response the moment it is made wakes
  * the client once per response; when the app is slow (Django) the client
@@ -309,14 +322,8 @@ static int cork(blaze_conn *c, const struct iovec *iov, int n, size_t total)
             if (evbuffer_add(c->out, iov[i].iov_base, iov[i].iov_len) != 0)
                 return evbuffer_get_length(c->out) == before ? 0 : -1;   /* -1: out of memory, half queued */
     }
-    if (c->corked)
-        return 1;
-    if (loop->corked.head != NULL && c->t_start - loop->cork_since > BLAZE_CORK_SECONDS)
-        conn_flush_corked(loop);
-    if (loop->corked.head == NULL)
-        loop->cork_since = c->t_start;
-    c->corked = 1;
-    queue_push(&loop->corked, c);
+    if (!c->corked)
+        cork_join(c, 0);
     return 1;
 }
 
@@ -328,11 +335,6 @@ int conn_lend_last(blaze_conn *c, const struct iovec *iov, int n)
         c->ssl || !c->keepalive || c->resp_close || c->closing || c->corked ||
         write_pending(c) > 0 || total > BLAZE_LEND_MAX || conn_dead(c))
         return 0;
-    /* What waits goes first when it is too much (memory held stays bounded)
-     * or has waited long enough, as in cork. */
-    if (loop->lent + total > BLAZE_LEND_MAX ||
-        (loop->corked.head != NULL && c->t_start - loop->cork_since > BLAZE_CORK_SECONDS))
-        conn_flush_corked(loop);
     if (c->out == NULL && (c->out = evbuffer_new()) == NULL)
         return 0;
     if (evbuffer_add(c->out, iov[0].iov_base, iov[0].iov_len) != 0)
@@ -341,12 +343,10 @@ int conn_lend_last(blaze_conn *c, const struct iovec *iov, int n)
         evbuffer_drain(c->out, iov[0].iov_len);
         return 0;
     }
+    /* Too much lent already: what waits goes first (memory held stays bounded). */
+    cork_join(c, loop->lent + total > BLAZE_LEND_MAX);
     c->lent = 1;
     loop->lent += total;
-    if (loop->corked.head == NULL)
-        loop->cork_since = c->t_start;
-    c->corked = 1;
-    queue_push(&loop->corked, c);
     return 1;
 }
 
@@ -360,24 +360,18 @@ static int unlend(blaze_conn *c)
         return BLAZE_OK;
     struct evbuffer *own = evbuffer_new();
     struct evbuffer_iovec v;
-    if (own == NULL || evbuffer_reserve_space(own, (ev_ssize_t)left, &v, 1) < 1 || v.iov_len < left) {
-        if (own)
-            evbuffer_free(own);
-        evbuffer_free(c->out);    /* drops the reference with what was left */
-        c->out = NULL;
-        return BLAZE_ERR;
-    }
-    if (evbuffer_copyout(c->out, v.iov_base, left) != (ev_ssize_t)left) {
+    int ok = own != NULL && evbuffer_reserve_space(own, (ev_ssize_t)left, &v, 1) >= 1 &&
+             v.iov_len >= left && evbuffer_copyout(c->out, v.iov_base, left) == (ev_ssize_t)left;
+    if (ok) {
+        v.iov_len = left;
+        evbuffer_commit_space(own, &v, 1);
+    } else if (own != NULL) {
         evbuffer_free(own);
-        evbuffer_free(c->out);
-        c->out = NULL;
-        return BLAZE_ERR;
+        own = NULL;
     }
-    v.iov_len = left;
-    evbuffer_commit_space(own, &v, 1);
-    evbuffer_free(c->out);
+    evbuffer_free(c->out);        /* drops the reference (with what was left, on failure) */
     c->out = own;
-    return BLAZE_OK;
+    return ok ? BLAZE_OK : BLAZE_ERR;
 }
 
 /* Write what corked connections hold.  Never calls Python (it may run

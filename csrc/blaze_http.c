@@ -679,16 +679,17 @@ blaze_io http_read_body(blaze_conn *c, int *status, const char **why)
     blaze_io r;
     if (c->body_kind == BODY_LENGTH) {
         size_t avail = c->len - c->scan;
-        if (c->body_total == 0 && !c->body_held && avail < c->body_left && c->body_fd < 0 &&
-            c->body_left <= (uint64_t)c->loop->lim.body_buffer_size) {
+        if (c->body_total == 0 && !c->body_held && avail < c->body_left) {
             /* The head brought only the start of a body read straight into
-             * its buffer: that start waits here, in buf, and the buffer is
-             * made when the rest is in the socket (http_body_direct).  So a
-             * connection waiting for its body holds no buffer, and the one
-             * it gets is likely the last big body's, still in the cache.
-             * Once only: if no direct read comes, the next step appends. */
+             * its buffer (http_body_awaited): that start waits here, in buf,
+             * and the buffer is made when the rest is in the socket
+             * (http_body_direct).  So a connection waiting for its body
+             * holds no buffer, and the one it gets is likely the last big
+             * body's, still in the cache.  Once only: if no direct read
+             * comes, the next step appends. */
             c->body_held = 1;
-            return IO_AGAIN;
+            if (http_body_awaited(c) > 0)
+                return IO_AGAIN;
         }
         c->body_held = 0;
         size_t take = avail < c->body_left ? avail : (size_t)c->body_left;
