@@ -419,6 +419,8 @@ blaze_queue pool_take_done(blaze_loop *loop);
 int pool_wake_fd(const blaze_loop *loop);
 /* Wake a thread for a job queued too long behind busy ones; 1 while jobs wait. */
 int pool_check(blaze_loop *loop);
+/* 1: jobs average POOL_SLOW_NS or more (the app threads mostly wait). */
+int pool_jobs_slow(const blaze_loop *loop);
 
 /* blaze_http.c */
 void http_settings_init(http_parser_settings *s);

@@ -120,6 +120,11 @@ int pool_wake_fd(const blaze_loop *loop)
     return loop->pool->wake_fd;
 }
 
+int pool_jobs_slow(const blaze_loop *loop)
+{
+    return __atomic_load_n(&loop->pool->avg_ns, __ATOMIC_RELAXED) >= POOL_SLOW_NS;
+}
+
 /* The loop is gone: idle threads are told to end.  The pool is freed only
  * when every thread is idle; a thread still in the app (a graceful timeout
  * ran out) keeps it and its connection, and both are left to the process's
