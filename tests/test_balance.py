@@ -113,3 +113,38 @@ def test_a_burst_of_connects_is_taken_in_one_wake_up(server_factory, tmp_path):
         seen.add(port)
     for c in conns + [gate]:
         c.close()
+
+
+def test_a_burst_queued_while_both_workers_are_busy_is_shared(server_factory, tmp_path):
+    """40 clients connect, first request sent, while both workers are in the app.  When
+    they come back the burst waits in the kernel's accept queue: each worker takes its
+    share of it (what all hold plus what waits, halved) in one go and leaves the rest
+    to the other.  Taking all it can would leave one worker with the whole burst."""
+    srv = server_factory(app=APP, workers=2).start()
+    wait_until(lambda: len(srv.worker_pids()) == 2, 10, what="two workers")
+    gates, busy = [], set()
+    for i in range(2):          # balancing puts the second on the other worker
+        mark = os.path.join(tmp_path, f"gate{i}")
+        g = srv.connect(timeout=20)
+        g.sendall(f"GET /sleep?s=1.5&mark={mark} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        wait_until(lambda: os.path.exists(mark), 10, what=f"gate request {i} to reach a worker")
+        with open(mark) as f:
+            busy.add(int(f.read()))
+        gates.append(g)
+    assert busy == set(srv.worker_pids()), "the two gate requests should hold both workers"
+    conns = []
+    for _ in range(40):
+        c = srv.connect(timeout=20)
+        c.sendall(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
+        conns.append(c)
+    for g in gates:
+        assert read_response(g)[0] == 200
+    got = []
+    for c in conns:
+        status, _, body = read_response(c)
+        assert status == 200
+        got.append(int(body))
+    counts = sorted(got.count(p) for p in busy)
+    assert counts[0] >= 12, f"a burst of 40 connects split {counts} between two workers"
+    for c in conns + gates:
+        c.close()
