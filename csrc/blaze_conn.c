@@ -300,11 +300,16 @@ static void cork_join(blaze_conn *c, int flush)
  * (PEP 3333: never held while the app makes the next).  Meanwhile the
  * connection goes on as if its output were written: to its next request,
  * read and answered behind it, in order.  1: corked. */
+/* May c's output wait for the pass's end (cork, conn_lend_last)?  threads
+ * = 1, plain TCP, kept alive: not when a close follows, which waits on it. */
+static int may_hold(const blaze_conn *c)
+{
+    return c->loop->lim.threads <= 1 && !c->ssl && c->keepalive && !c->resp_close && !c->closing;
+}
+
 static int cork(blaze_conn *c, const struct iovec *iov, int n, size_t total)
 {
-    blaze_loop *loop = c->loop;
-    if (!c->cork_ok || loop->lim.threads > 1 || c->ssl || !c->keepalive || c->resp_close ||
-        c->closing)
+    if (!c->cork_ok || !may_hold(c))
         return 0;             /* a close follows: written now, as the close waits on it */
     long long pending = write_pending(c);
     if ((pending > 0 && !c->corked) || (size_t)pending + total > BLAZE_CORK_MAX)
@@ -330,10 +335,10 @@ static int cork(blaze_conn *c, const struct iovec *iov, int n, size_t total)
 int conn_lend_last(blaze_conn *c, const struct iovec *iov, int n)
 {
     blaze_loop *loop = c->loop;
+    if (n != 2 || iov[1].iov_len < BLAZE_LEND_MIN)
+        return 0;
     size_t total = iov[0].iov_len + iov[1].iov_len;
-    if (n != 2 || iov[1].iov_len < BLAZE_LEND_MIN || loop->lim.threads > 1 || c->in_thread ||
-        c->ssl || !c->keepalive || c->resp_close || c->closing || c->corked ||
-        write_pending(c) > 0 || total > BLAZE_LEND_MAX || conn_dead(c))
+    if (!may_hold(c) || c->corked || write_pending(c) > 0 || total > BLAZE_LEND_MAX || conn_dead(c))
         return 0;
     if (c->out == NULL && (c->out = evbuffer_new()) == NULL)
         return 0;

@@ -120,9 +120,15 @@ int pool_wake_fd(const blaze_loop *loop)
     return loop->pool->wake_fd;
 }
 
+/* Jobs average POOL_SLOW_NS or more (app threads write avg_ns under the lock). */
+static int jobs_slow(const blaze_pool *p)
+{
+    return __atomic_load_n(&p->avg_ns, __ATOMIC_RELAXED) >= POOL_SLOW_NS;
+}
+
 int pool_jobs_slow(const blaze_loop *loop)
 {
-    return __atomic_load_n(&loop->pool->avg_ns, __ATOMIC_RELAXED) >= POOL_SLOW_NS;
+    return jobs_slow(loop->pool);
 }
 
 /* The loop is gone: idle threads are told to end.  The pool is freed only
@@ -204,7 +210,7 @@ static int pick_thread(blaze_pool *p, int stalled)
 {
     if (p->nidle == 0)
         return -1;
-    if (p->running > 0 && !stalled && (p->avg_ns < POOL_SLOW_NS || p->gil_full))
+    if (p->running > 0 && !stalled && (!jobs_slow(p) || p->gil_full))
         return -1;
     return p->idle[--p->nidle];
 }
@@ -288,7 +294,7 @@ int blaze_pool_next(blaze_loop *loop, int thread, blaze_conn *done, int rc, blaz
     pool_thread *me = &p->threads[thread];
     uint64_t now = now_ns();
     /* The GIL's room matters only for slow jobs; the clock costs a system call. */
-    int slow = __atomic_load_n(&p->avg_ns, __ATOMIC_RELAXED) >= POOL_SLOW_NS;
+    int slow = jobs_slow(p);
     uint64_t cpu = slow ? clock_ns(CLOCK_THREAD_CPUTIME_ID) : 0;   /* stands still while it sleeps */
     int notify = 0;
     blaze_conn *c = NULL;

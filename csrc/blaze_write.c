@@ -457,7 +457,7 @@ int blaze_resp_simple(blaze_conn *c, const char *status, size_t status_len,
     }
     if (c->resp_left > 0 && !c->resp_nobody)
         c->resp_close = 1;
-    if (n == 2 && conn_lend_last(c, iov, n))
+    if (conn_lend_last(c, iov, n))
         return 1;             /* the caller keeps body alive until the flush */
     c->cork_ok = 1;
     int rc = conn_send_last(c, iov, n);
