@@ -54,8 +54,8 @@ def _work(loop, index):
                 break                     # handed back with take()
             # A one-item response: framed, handed back and the next job taken
             # in one call into C, so one GIL release instead of two.
-            r, st, hb, body = out
-            got = reply(loop, index, conn, st, len(st), hb, len(hb), len(r.headers), body, len(body), job)
+            r, head, hl, nh, body = out
+            got = reply(loop, index, conn, head, hl, nh, body, len(body), job)
             if got < 0:                   # refused (invalid headers, or the client left)
                 rc = wsgi._fail_refused(r)          # in this thread: blaze_resp_error is ours
                 break

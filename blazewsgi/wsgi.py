@@ -7,8 +7,8 @@ per request only the values come, one "VALUE\\0VALUE\\0..." block read
 in place from the loop's buffer (use_loop).  Building the environ is a
 copy of the listener's base, one decode, one split and one store per
 name, with no Python work per header.  The response goes back the same
-way: a status and the headers joined into one "name\\0value\\0..."
-string, which C validates and frames; both are remembered encoded (_head).
+way: the status and the headers joined into one "status\\0name\\0value\\0..."
+string, which C validates and frames; it is remembered encoded (_head).
 
 Responses:
   * a one-item list or tuple (the common case) goes out in one write
@@ -159,9 +159,9 @@ def _sized(base):
 
 _join0 = "\0".join
 _chain = itertools.chain.from_iterable
-_heads = {}          # (status, *headers) -> (status bytes, header block): see _new_head
+_heads = {}          # (status, *headers) -> (head, its length, header count): see _new_head
 HEADS_MAX = 256
-_last = (None, None, None, None)   # see _remember_last
+_last = (None, None, None, 0, 0)   # see _remember_last
 
 
 def _header_block(headers):
@@ -174,12 +174,14 @@ def _header_block(headers):
 
 
 def _head(status, headers):
-    """(status bytes, header block) for C: the last head sent (_last, which
+    """(head, len(head), len(headers)) for C, the head being the status and
+    the header block in one string: the last head sent (_last, which
     blaze_py_request also checks inline), else a remembered one (_heads),
-    else a new one (_new_head)."""
-    ls, lh, st, hb = _last
+    else a new one (_new_head).  The lengths are remembered with it: no
+    len() per response."""
+    ls, lh, head, hl, nh = _last
     if status == ls and headers == lh:
-        return st, hb
+        return head, hl, nh
     try:
         key = (status, *headers)
         head = _heads.get(key)
@@ -192,8 +194,8 @@ def _head(status, headers):
 
 def _remember_last(status, headers, head):
     """_last: a hashable head's status, a copy of its header list (the app's own
-    list may change after the response; its tuples cannot), and its bytes.
-    One assignment, so an app thread never reads half of another's."""
+    list may change after the response; its tuples cannot), and its head
+    (bytes, length, header count).  One assignment, so an app thread never reads half of another's."""
     global _last
     _last = (status, list(headers), *head)
 
@@ -203,7 +205,10 @@ def _new_head(status, headers, key):
     unhashable one, not remembered): an app answers with a few heads over
     and over.  Heads that vary (cookies, ETags) fill the table, which then
     starts again empty."""
-    head = status.encode("latin-1"), _header_block(headers)
+    if "\0" in status:            # C would end the status line there
+        raise ValueError("invalid status line: a NUL character")
+    head = b"%s\0%s" % (status.encode("latin-1"), _header_block(headers))
+    head = head, len(head), len(headers)
     if key is not None:
         if len(_heads) >= HEADS_MAX:
             _heads.clear()
@@ -334,9 +339,8 @@ class _Response:
     def _start(self, body_len):
         if self.status is None:
             raise AssertionError("the application sent a body before calling start_response()")
-        st, hb = _head(self.status, self.headers)
-        if lib.blaze_resp_start(self.conn, st, len(st), hb, len(hb), len(self.headers),
-                                body_len) != 0:
+        head, hl, nh = _head(self.status, self.headers)
+        if lib.blaze_resp_start(self.conn, head, hl, nh, body_len) != 0:
             _refused()
         self.sent = True
 
@@ -546,7 +550,7 @@ def blaze_py_request(conn, keyset, values_len, listener, req, build=None, block=
     ERROR.  From C (threads = 1): the values are the first values_len bytes
     of the loop's values block (_values).  From _serve (an app thread), with
     the builder it chose and the block: a one-item response comes back as
-    (r, status, headers, body) for the thread to hand to C with the
+    (r, head, len(head), len(headers), body) for the thread to hand to C with the
     connection (threads.py).  Everything on the common path is inline: each
     Python call costs."""
     defer = build is not None
@@ -578,12 +582,12 @@ def blaze_py_request(conn, keyset, values_len, listener, req, build=None, block=
                 body = next(it)
                 taken = True
         if type(body) is bytes and r.status is not None and not r.sent:
-            ls, lh, st, hb = _last            # _head's first test, inline
+            ls, lh, head, hl, nh = _last      # _head's first test, inline
             if r.status != ls or r.headers != lh:
-                st, hb = _head(r.status, r.headers)
+                head, hl, nh = _head(r.status, r.headers)
             if defer:
-                return r, st, hb, body
-            rc = _resp_simple(conn, st, len(st), hb, len(hb), len(r.headers), body, len(body))
+                return r, head, hl, nh, body
+            rc = _resp_simple(conn, head, hl, nh, body, len(body))
             if rc != 0:
                 if rc < 0:
                     _refused()

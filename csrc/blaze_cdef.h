@@ -153,9 +153,8 @@ void blaze_pool_thread_init(void);
 /* blaze_resp_simple for `done`, then blaze_pool_next(done, DONE): a one-item
  * response and the next job in one crossing.  -1 (blaze_resp_error says
  * why): the response was refused and `done` is still the thread's. */
-int blaze_pool_reply(blaze_loop *loop, int thread, blaze_conn *done,
-                     const char *status, size_t status_len, const char *hdrs, size_t hdrs_len,
-                     int nhdrs, const char *body, size_t body_len, blaze_job *job);
+int blaze_pool_reply(blaze_loop *loop, int thread, blaze_conn *done, const char *head,
+                     size_t head_len, int nhdrs, const char *body, size_t body_len, blaze_job *job);
 
 /* A body buffer up to this size stays with its connection for the next
  * request; a bigger one is freed after its request, or handed to Python
@@ -182,12 +181,12 @@ const unsigned long long *blaze_loop_flushes(blaze_loop *loop);
 void blaze_loop_free(blaze_loop *loop);
 
 /* Response, called from Python during blaze_py_request / blaze_py_resume.
- * blaze_resp_start validates and frames the status and headers:
- * hdrs is "name\0value\0name\0value" with nhdrs pairs; body_len is the
+ * blaze_resp_start validates and frames the head, the status line and the
+ * headers in one string, "status\0name\0value\0name\0value" with nhdrs
+ * (name, value) pairs (one string: fewer arguments per call); body_len is the
  * total body size when the server knows it (-1 otherwise).  Returns 0, or
  * -1 (nothing has been sent then) with the reason in blaze_resp_error. */
-int blaze_resp_start(blaze_conn *c, const char *status, size_t status_len,
-                     const char *hdrs, size_t hdrs_len, int nhdrs, long long body_len);
+int blaze_resp_start(blaze_conn *c, const char *head, size_t head_len, int nhdrs, long long body_len);
 /* Why this thread's last blaze_resp_start, blaze_resp_simple or
  * blaze_pool_reply refused (a thread's own buffer: no pointer to pass on
  * every response). */
@@ -208,6 +207,5 @@ int blaze_resp_last(blaze_conn *c, const char *data, size_t len);
  * blaze_resp_start; 1 (threads = 1 only): done, but a big body is sent from
  * where it lies when the loop's pass ends: keep it alive and unchanged until
  * *blaze_loop_flushes(loop) moves. */
-int blaze_resp_simple(blaze_conn *c, const char *status, size_t status_len,
-                      const char *hdrs, size_t hdrs_len, int nhdrs,
+int blaze_resp_simple(blaze_conn *c, const char *head, size_t head_len, int nhdrs,
                       const char *body, size_t body_len);

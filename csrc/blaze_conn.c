@@ -628,22 +628,22 @@ static int after_python(blaze_conn *c, int rc)
 static void refuse_rate_limited(blaze_conn *c, double retry_after)
 {
     static const char body[] = "429 Too Many Requests: rate limit exceeded\n";
-    char hdrs[80];
+    char head[104];
     long long secs = (long long)retry_after;
     if ((double)secs < retry_after || secs < 1)
         secs++;           /* whole seconds, rounded up: never "come back" too early */
-    int hl = snprintf(hdrs, sizeof(hdrs), "Retry-After|%lld|Content-Type|text/plain; charset=utf-8", secs);
-    if (hl < 0 || hl >= (int)sizeof(hdrs))
-        hl = (int)sizeof(hdrs) - 1;
+    int hl = snprintf(head, sizeof(head),
+                      "429 Too Many Requests|Retry-After|%lld|Content-Type|text/plain; charset=utf-8", secs);
+    if (hl < 0 || hl >= (int)sizeof(head))
+        hl = (int)sizeof(head) - 1;
     for (int i = 0; i < hl; i++)
-        if (hdrs[i] == '|')
-            hdrs[i] = '\0';
+        if (head[i] == '|')
+            head[i] = '\0';
     if (c->body_kind != BODY_NONE) {
         c->keepalive = 0;
         c->discard_input = 1;
     }
-    if (blaze_resp_simple(c, "429 Too Many Requests", 21, hdrs, (size_t)hl, 2, body,
-                          sizeof(body) - 1) != BLAZE_OK ||
+    if (blaze_resp_simple(c, head, (size_t)hl, 2, body, sizeof(body) - 1) != BLAZE_OK ||
         write_flush_head(c) != BLAZE_OK)
         return;           /* the socket broke: the zero-delay timer frees c */
     response_done(c);

@@ -352,11 +352,10 @@ int blaze_pool_next(blaze_loop *loop, int thread, blaze_conn *done, int rc, blaz
     return 1;
 }
 
-int blaze_pool_reply(blaze_loop *loop, int thread, blaze_conn *done,
-                     const char *status, size_t status_len, const char *hdrs, size_t hdrs_len,
-                     int nhdrs, const char *body, size_t body_len, blaze_job *job)
+int blaze_pool_reply(blaze_loop *loop, int thread, blaze_conn *done, const char *head,
+                     size_t head_len, int nhdrs, const char *body, size_t body_len, blaze_job *job)
 {
-    if (blaze_resp_simple(done, status, status_len, hdrs, hdrs_len, nhdrs, body, body_len) != BLAZE_OK)
+    if (blaze_resp_simple(done, head, head_len, nhdrs, body, body_len) != BLAZE_OK)
         return -1;
     return blaze_pool_next(loop, thread, done, BLAZE_PY_DONE, job);
 }

@@ -192,9 +192,9 @@ static int frame_fixed(blaze_head *hd, const char *status, size_t slen, const ch
     return BLAZE_OK;
 }
 
-/* Validate and frame status + headers into head_of(c). */
-static int frame_head(blaze_conn *c, const char *status, size_t slen, const char *hdrs,
-                      size_t hlen, int nhdrs, long long body_len)
+/* Validate and frame a head -- "status\0name\0value\0...", the status
+ * line then nhdrs (name, value) pairs -- into head_of(c). */
+static int frame_head(blaze_conn *c, const char *head, size_t head_len, int nhdrs, long long body_len)
 {
     blaze_loop *loop = c->loop;
     blaze_head *hd = head_of(c);
@@ -202,6 +202,11 @@ static int frame_head(blaze_conn *c, const char *status, size_t slen, const char
         BAD("client disconnected");
     if (c->resp_started)
         BAD("response already started");
+    const char *z = memchr(head, '\0', head_len);
+    if (z == NULL)
+        BAD("malformed head (no end to the status line)");
+    const char *status = head, *hdrs = z + 1;
+    size_t slen = (size_t)(z - head), hlen = head_len - slen - 1;
     if (nhdrs < 0 || (nhdrs == 0 && hlen != 0))
         BAD("malformed header list");
     size_t need = 16 + slen + hlen + 4 * (size_t)nhdrs + 256 + BLAZE_COALESCE;
@@ -308,10 +313,9 @@ static size_t body_allow(blaze_conn *c, size_t len)
     return len;
 }
 
-int blaze_resp_start(blaze_conn *c, const char *status, size_t status_len,
-                     const char *hdrs, size_t hdrs_len, int nhdrs, long long body_len)
+int blaze_resp_start(blaze_conn *c, const char *head, size_t head_len, int nhdrs, long long body_len)
 {
-    return frame_head(c, status, status_len, hdrs, hdrs_len, nhdrs, body_len);
+    return frame_head(c, head, head_len, nhdrs, body_len);
 }
 
 long long blaze_resp_write(blaze_conn *c, const char *data, size_t len)
@@ -437,11 +441,10 @@ int blaze_resp_last(blaze_conn *c, const char *data, size_t len)
     return rc;
 }
 
-int blaze_resp_simple(blaze_conn *c, const char *status, size_t status_len,
-                      const char *hdrs, size_t hdrs_len, int nhdrs,
+int blaze_resp_simple(blaze_conn *c, const char *head, size_t head_len, int nhdrs,
                       const char *body, size_t body_len)
 {
-    if (frame_head(c, status, status_len, hdrs, hdrs_len, nhdrs, (long long)body_len) != BLAZE_OK)
+    if (frame_head(c, head, head_len, nhdrs, (long long)body_len) != BLAZE_OK)
         return BLAZE_ERR;
     struct iovec iov[2];
     int n = take_head(c, iov);

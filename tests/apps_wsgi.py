@@ -584,6 +584,8 @@ INVALID = {
     "status-lf": ("200 OK\nX-Injected: evil", [CT], b"X-Injected"),
     "status-cr": ("200 OK\rX-Injected: evil", [CT], b"X-Injected"),
     "status-nul": ("200 OK\0X-Injected", [CT], b"X-Injected"),
+    # the head goes to C as "status\0name\0value...": a NUL in the status must not make a header
+    "status-nul-pair": ("200 OK\0X-Injected\0evil", [CT], b"X-Injected"),
     "status-bytes": (b"200 Injected", [CT], b"Injected"),
     "status-nonlatin1": ("200 Injected \u20ac", [CT], b"Injected"),
     "name-crlf": ("200 OK", [CT, ("X-Bad\r\nX-Injected", "evil")], b"X-Injected"),
