@@ -6,7 +6,10 @@ percent-decoded).  The names of a key set are learned once (_learn_keys);
 per request only the values come, one "VALUE\\0VALUE\\0..." block read
 in place from the loop's buffer (use_loop).  Building the environ is a
 copy of the listener's base, one decode, one split and one store per
-name, with no Python work per header.  The response goes back the same
+name, with no Python work per header.  With threads = 1 the environ of a
+kept-alive connection's last request is remembered (_memo): when the next
+one has the same names, C sends only the values that changed, and the
+environ is a copy of the remembered one with those stored.  The response goes back the same
 way: the status and the headers joined into one "status\\0name\\0value\\0..."
 string, which C validates and frames; it is remembered encoded (_head).
 
@@ -480,17 +483,21 @@ def _body_input(r, req, conn):
     return io.BytesIO(_unpack(req.body, req.body_len))
 
 
-# slot -> (C's generation of the slot, the environ builder for its CGI names)
-# (see C keyset_slot), stored in one assignment so that an app thread never
-# pairs one learner's generation with another's builder
-_keysets = [(0, None)] * lib.BLAZE_KEYSETS_PY
+# slot -> (C's generation of the slot, the environ builder for its CGI names,
+# the names) (see C keyset_slot), stored in one assignment so that an app
+# thread never pairs one learner's generation with another's builder
+_keysets = [(0, None, ())] * lib.BLAZE_KEYSETS_PY
+# threads = 1: connection slot (its descriptor) -> the environ of its last
+# request, as built (see C env_delta; C says when an entry is to be made,
+# used or left alone, so an entry left by a closed connection is never used)
+_memo = {}
 COMPILE_AFTER = 16   # requests with a key set before it gets a compiled builder
 
 
 def _learn_keys(slot, req):
     keys = tuple(sys.intern(k) for k in _unpack(req.keys, req.keys_len).decode("latin-1").split("\0"))
     build = _generic_builder(slot, keys)
-    _keysets[slot] = (req.keygen, build)
+    _keysets[slot] = (req.keygen, build, keys)
     return build
 
 
@@ -505,9 +512,9 @@ def _generic_builder(slot, keys):
         nonlocal left
         left -= 1
         if left == 0:
-            gen, current = _keysets[slot]
+            gen, current, _ = _keysets[slot]
             if current is build:
-                _keysets[slot] = (gen, _compiled_builder(keys))
+                _keysets[slot] = (gen, _compiled_builder(keys), keys)
         environ = bases[len(keys) > bases[2]].copy()
         environ.update(zip(keys, block.decode("latin-1").split("\0")))
         return environ
@@ -530,6 +537,19 @@ def _compiled_builder(keys):
     return namespace["build"]
 
 
+_REMEMBER = lib.BLAZE_ENV_REMEMBER
+
+
+def _memo_update(conn_slot, keys, n, block):
+    """delta n > 0: block holds the indices of the n values that changed since
+    the connection's last request, then those values; they replace the
+    remembered ones, and the request's environ is a copy."""
+    environ = _memo[conn_slot]
+    for i, v in zip(block[:n], block[n:].decode("latin-1").split("\0")):
+        environ[keys[i]] = v
+    return environ.copy()
+
+
 def _serve(conn, req):
     """threads > 1: blaze_py_request in an app thread.  A key set C calls known
     may have been learned by another thread that has not stored it yet."""
@@ -537,15 +557,15 @@ def _serve(conn, req):
     if slot < 0:
         build = _learn_keys(-slot - 1, req)
     else:
-        gen, build = _keysets[slot]
+        gen, build, _ = _keysets[slot]
         if gen != req.keygen:
             build = _learn_keys(slot, req)
-    return blaze_py_request(conn, slot, req.values_len, req.listener, req,
+    return blaze_py_request(conn, slot, req.values_len, req.listener, req, lib.BLAZE_ENV_WHOLE, -1,
                             build, _unpack(req.values, req.values_len))
 
 
 @ffi.def_extern(onerror=lambda *exc: log.critical("blaze_py_request failed", exc_info=exc) or ERROR)
-def blaze_py_request(conn, keyset, values_len, listener, req, build=None, block=None):
+def blaze_py_request(conn, keyset, values_len, listener, req, delta, conn_slot, build=None, block=None):
     """Build the environ, call the app and send its response; DONE, STREAM or
     ERROR.  From C (threads = 1): the values are the first values_len bytes
     of the loop's values block (_values).  From _serve (an app thread), with
@@ -554,12 +574,20 @@ def blaze_py_request(conn, keyset, values_len, listener, req, build=None, block=
     connection (threads.py).  Everything on the common path is inline: each
     Python call costs."""
     defer = build is not None
-    if not defer:
-        build = _keysets[keyset][1] if keyset >= 0 else _learn_keys(-keyset - 1, req)
-        block = _values[:values_len]
+    if defer:
+        environ = build(_bases[listener], block)
+    else:
+        if delta == 0:                      # the values of this connection's last request
+            environ = _memo[conn_slot].copy()
+        elif delta > 0:
+            environ = _memo_update(conn_slot, _keysets[keyset][2], delta, _values[:values_len])
+        else:
+            build = _keysets[keyset][1] if keyset >= 0 else _learn_keys(-keyset - 1, req)
+            environ = build(_bases[listener], _values[:values_len])
+            if delta == _REMEMBER:
+                _memo[conn_slot] = environ.copy()
         if _lent and _flushes[0] != _lent_at:
             _lent.clear()           # written: C no longer refers to them
-    environ = build(_bases[listener], block)
     r = _spare.pop() if _spare else _Response()
     r.conn = conn
     r.status = r.headers = None

@@ -205,6 +205,9 @@ void conn_free(blaze_conn *c)
     blaze_loop *loop = c->loop;
     free(c->env);
     c->env = NULL;
+    free(c->memo);
+    c->memo = NULL;
+    c->memo_ok = 0;
     request_left(c);
     if (c->py_stream) {
         c->py_stream = 0;
@@ -590,6 +593,8 @@ static void response_done(blaze_conn *c)
 /* Act on what Python returned. 0: keep stepping; -1: stop (c may be gone). */
 static int after_python(blaze_conn *c, int rc)
 {
+    if (rc == BLAZE_PY_ERROR)
+        c->memo_ok = 0;       /* Python may not have remembered this environ (env_delta) */
     /* Set first: if c is freed below, conn_free must tell Python to close
      * the iterable it keeps for a STREAM. */
     c->py_stream = rc == BLAZE_PY_STREAM;
@@ -695,7 +700,7 @@ static int dispatch(blaze_conn *c)
     /* no body: the head just completed, t_start is still "now" */
     stats_busy_at(loop, c->body_kind == BODY_NONE ? c->t_start : stats_now());
     conn_flush_before_app(loop);
-    int rc = blaze_py_request(c, req.keyset, req.values_len, req.listener, &req);
+    int rc = blaze_py_request(c, req.keyset, req.values_len, req.listener, &req, req.delta, c->fd);
     stats_idle(loop);
     return after_python(c, rc);
 }

@@ -783,6 +783,77 @@ static int keyset_slot(blaze_loop *loop, const char *keys, size_t len)
     return -(slot + 1);
 }
 
+/* A values block bigger than this is sent whole every time, not remembered. */
+#define MEMO_MAX 4096
+/* Changed values a delta can name (their indices are one byte each). */
+#define MEMO_FIELDS 255
+
+/* threads = 1: how much of the values block Python needs (req->delta, see
+ * BLAZE_ENV_* in blaze_cdef.h).  A kept-alive connection's next request
+ * usually repeats most values (Host, the client's address, User-Agent,
+ * Accept-*, cookies), and Python copies the remembered environ instead of
+ * decoding, splitting and storing them again.  Compared field by field with
+ * c->memo, the last block of this connection; the block is then rewritten
+ * in place (it has room: `cap`) to hold only what changed. */
+static void env_delta(blaze_conn *c, blaze_request *req, size_t cap)
+{
+    char *vals = (char *)req->values;
+    size_t len = req->values_len;
+    int slot = req->keyset >= 0 ? req->keyset : -req->keyset - 1;
+    int same = c->memo_ok && c->memo_slot == slot && c->memo_gen == req->keygen;
+    c->memo_ok = 0;                   /* until this block is in c->memo */
+    req->delta = BLAZE_ENV_WHOLE;
+    if (!c->keepalive || len > MEMO_MAX || buf_reserve(&c->memo, &c->memo_cap, len) != BLAZE_OK)
+        return;
+    unsigned char idx[MEMO_FIELDS];
+    size_t off[MEMO_FIELDS], flen[MEMO_FIELDS];
+    int n = 0;
+    if (same) {
+        const char *p = vals, *end = vals + len, *q = c->memo, *qend = c->memo + c->memo_len;
+        for (int i = 0;; i++) {
+            const char *pz = memchr(p, '\0', (size_t)(end - p));
+            const char *qz = memchr(q, '\0', (size_t)(qend - q));
+            size_t pl = (size_t)((pz ? pz : end) - p), ql = (size_t)((qz ? qz : qend) - q);
+            if (pl != ql || memcmp(p, q, pl) != 0) {
+                if (n == MEMO_FIELDS || i >= MEMO_FIELDS) {
+                    same = 0;         /* too many to name: the whole block */
+                    break;
+                }
+                idx[n] = (unsigned char)i;
+                off[n] = (size_t)(p - vals);
+                flen[n++] = pl;
+            }
+            if (pz == NULL || qz == NULL) {
+                same = pz == NULL && qz == NULL;   /* the same key set has as many values */
+                break;
+            }
+            p = pz + 1;
+            q = qz + 1;
+        }
+    }
+    memcpy(c->memo, vals, len);
+    c->memo_len = len;
+    c->memo_slot = slot;
+    c->memo_gen = req->keygen;
+    c->memo_ok = 1;
+    if (!same || len + (size_t)n > cap) {
+        req->delta = BLAZE_ENV_REMEMBER;
+        return;
+    }
+    /* indices, then the changed values (read from the copy in c->memo) */
+    char *w = vals;
+    memcpy(w, idx, (size_t)n);
+    w += n;
+    for (int k = 0; k < n; k++) {
+        if (k > 0)
+            *w++ = '\0';
+        memcpy(w, c->memo + off[k], flen[k]);
+        w += flen[k];
+    }
+    req->values_len = (size_t)(w - vals);
+    req->delta = n;
+}
+
 int http_build_environ(blaze_conn *c, blaze_request *req)
 {
     blaze_loop *loop = c->loop;
@@ -927,7 +998,10 @@ int http_build_environ(blaze_conn *c, blaze_request *req)
     req->body_len = (size_t)c->body_total;
     req->body_fd = c->body_fd;
     req->conn_id = c->id;
+    req->delta = BLAZE_ENV_WHOLE;
     if (c->body_fd >= 0 && lseek(c->body_fd, 0, SEEK_SET) < 0)
         return 500;
+    if (loop->lim.threads <= 1)
+        env_delta(c, req, half);      /* last: Python is called with this request now */
     return 0;
 }
