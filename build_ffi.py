@@ -38,7 +38,8 @@ DEPENDENCIES = [
 EXTERN_PYTHON = """
 extern "Python+C" {
     int blaze_py_request(blaze_conn *c, int keyset, size_t values_len, int listener,
-                         const blaze_request *req, int delta, int conn_slot);
+                         const blaze_request *req, int delta, int conn_slot,
+                         unsigned long long conn_id);
     int blaze_py_resume(blaze_conn *c, unsigned long long conn_id);
     void blaze_py_abort(unsigned long long conn_id);
 }

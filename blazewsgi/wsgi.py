@@ -6,7 +6,7 @@ percent-decoded).  The names of a key set are learned once (_learn_keys);
 per request only the values come, one "VALUE\\0VALUE\\0..." block read
 in place from the loop's buffer (use_loop).  Building the environ is a
 copy of the listener's base, one decode, one split and one store per
-name, with no Python work per header.  With threads = 1 the environ of a
+name, with no Python work per header.  The environ of a
 kept-alive connection's last request is remembered (_memo): when the next
 one has the same names, C sends only the values that changed, and the
 environ is a copy of the remembered one with those stored.  The response goes back the same
@@ -487,9 +487,11 @@ def _body_input(r, req, conn):
 # the names) (see C keyset_slot), stored in one assignment so that an app
 # thread never pairs one learner's generation with another's builder
 _keysets = [(0, None, ())] * lib.BLAZE_KEYSETS_PY
-# threads = 1: connection slot (its descriptor) -> the environ of its last
-# request, as built (see C env_delta; C says when an entry is to be made,
-# used or left alone, so an entry left by a closed connection is never used)
+# connection slot (its descriptor) -> (the connection's id, the environ of its
+# last request, as built): see C env_delta, which says when an entry is made,
+# used or left alone.  An entry left by a closed connection is only ever
+# replaced (the id is checked).  With threads, a connection is in one thread
+# at a time and its requests come in order.
 _memo = {}
 COMPILE_AFTER = 16   # requests with a key set before it gets a compiled builder
 
@@ -540,14 +542,19 @@ def _compiled_builder(keys):
 _REMEMBER = lib.BLAZE_ENV_REMEMBER
 
 
-def _memo_update(conn_slot, keys, n, block):
+def _memo_update(environ, keys, n, block):
     """delta n > 0: block holds the indices of the n values that changed since
     the connection's last request, then those values; they replace the
-    remembered ones, and the request's environ is a copy."""
-    environ = _memo[conn_slot]
+    remembered ones."""
     for i, v in zip(block[:n], block[n:].decode("latin-1").split("\0")):
         environ[keys[i]] = v
-    return environ.copy()
+
+
+def _memo_lost(conn_id):
+    """C sent a delta, but what is remembered in the connection's slot is not
+    this connection's: never used.  ERROR (a 500), and C sends the next
+    request whole."""
+    raise LookupError(f"no remembered environ for connection {conn_id}")
 
 
 def _serve(conn, req):
@@ -560,34 +567,39 @@ def _serve(conn, req):
         gen, build, _ = _keysets[slot]
         if gen != req.keygen:
             build = _learn_keys(slot, req)
-    return blaze_py_request(conn, slot, req.values_len, req.listener, req, lib.BLAZE_ENV_WHOLE, -1,
-                            build, _unpack(req.values, req.values_len))
+    return blaze_py_request(conn, slot, req.values_len, req.listener, req, req.delta, req.conn_slot,
+                            req.conn_id, build, _unpack(req.values, req.values_len))
 
 
 @ffi.def_extern(onerror=lambda *exc: log.critical("blaze_py_request failed", exc_info=exc) or ERROR)
-def blaze_py_request(conn, keyset, values_len, listener, req, delta, conn_slot, build=None, block=None):
+def blaze_py_request(conn, keyset, values_len, listener, req, delta, conn_slot, conn_id,
+                     build=None, block=None):
     """Build the environ, call the app and send its response; DONE, STREAM or
     ERROR.  From C (threads = 1): the values are the first values_len bytes
-    of the loop's values block (_values).  From _serve (an app thread), with
-    the builder it chose and the block: a one-item response comes back as
+    of the loop's values block (_values); delta >= 0: only the values that
+    changed since the connection's last request (see _memo).  From _serve
+    (an app thread), with the builder it chose and the block: a one-item
+    response comes back as
     (r, head, len(head), len(headers), body) for the thread to hand to C with the
     connection (threads.py).  Everything on the common path is inline: each
     Python call costs."""
-    defer = build is not None
-    if defer:
-        environ = build(_bases[listener], block)
+    defer = block is not None
+    if delta >= 0:                  # a kept-alive connection's next request: see C env_delta
+        cid, environ = _memo[conn_slot]
+        if cid != conn_id:
+            _memo_lost(conn_id)
+        if delta:
+            _memo_update(environ, _keysets[keyset][2], delta, block if defer else _values[:values_len])
+        environ = environ.copy()
     else:
-        if delta == 0:                      # the values of this connection's last request
-            environ = _memo[conn_slot].copy()
-        elif delta > 0:
-            environ = _memo_update(conn_slot, _keysets[keyset][2], delta, _values[:values_len])
-        else:
+        if not defer:
             build = _keysets[keyset][1] if keyset >= 0 else _learn_keys(-keyset - 1, req)
-            environ = build(_bases[listener], _values[:values_len])
-            if delta == _REMEMBER:
-                _memo[conn_slot] = environ.copy()
-        if _lent and _flushes[0] != _lent_at:
-            _lent.clear()           # written: C no longer refers to them
+            block = _values[:values_len]
+        environ = build(_bases[listener], block)
+        if delta == _REMEMBER:
+            _memo[conn_slot] = conn_id, environ.copy()
+    if not defer and _lent and _flushes[0] != _lent_at:
+        _lent.clear()               # written: C no longer refers to them
     r = _spare.pop() if _spare else _Response()
     r.conn = conn
     r.status = r.headers = None

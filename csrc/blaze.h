@@ -70,7 +70,7 @@
 
 /* Calls into Python (defined by CFFI from build_ffi.py). */
 int blaze_py_request(blaze_conn *c, int keyset, size_t values_len, int listener,
-                     const blaze_request *req, int delta, int conn_slot);
+                     const blaze_request *req, int delta, int conn_slot, unsigned long long conn_id);
 int blaze_py_resume(blaze_conn *c, unsigned long long conn_id);
 void blaze_py_abort(unsigned long long conn_id);
 
@@ -238,8 +238,8 @@ struct blaze_conn {
     int gone;                                 /* the client left while taken (atomic) */
     uint64_t t_taken;                         /* CLOCK_MONOTONIC ns it was taken by a thread (queued: t_job) */
     unsigned long long served;                /* responses completed on this connection */
-    /* threads = 1, kept alive: the last request's values block and its key
-     * set, against which the next request's is compared (env_delta). */
+    /* kept alive: the last request's values block and its key set, against
+     * which the next request's is compared (env_delta). */
     char *memo;                               /* owned */
     size_t memo_len, memo_cap;
     int memo_slot;                            /* the key set's slot ... */

@@ -123,12 +123,13 @@ typedef struct {
     size_t body_len;              /* body length, in memory or in the file */
     int body_fd;                  /* -1, or a temporary file holding the body; C closes it */
     unsigned long long conn_id;   /* stable id of the connection, for streaming state */
-    int delta;                    /* threads = 1: BLAZE_ENV_* or n >= 0 (see below) */
+    int delta;                    /* BLAZE_ENV_* or n >= 0 (see below) */
+    int conn_slot;                /* the connection's descriptor: where Python remembers its environ */
 } blaze_request;
 
-/* blaze_request.delta.  With threads = 1 Python remembers the environ of a
- * kept-alive connection's last request (wsgi._memo); the next request with
- * the same key names sends only the values that changed since. */
+/* blaze_request.delta.  Python remembers the environ of a kept-alive
+ * connection's last request (wsgi._memo); the next request with the same
+ * key names sends only the values that changed since. */
 enum {
     BLAZE_ENV_WHOLE = -1,         /* values holds every value; nothing to remember */
     BLAZE_ENV_REMEMBER = -2       /* values holds every value; remember the environ */

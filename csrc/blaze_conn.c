@@ -700,7 +700,8 @@ static int dispatch(blaze_conn *c)
     /* no body: the head just completed, t_start is still "now" */
     stats_busy_at(loop, c->body_kind == BODY_NONE ? c->t_start : stats_now());
     conn_flush_before_app(loop);
-    int rc = blaze_py_request(c, req.keyset, req.values_len, req.listener, &req, req.delta, c->fd);
+    int rc = blaze_py_request(c, req.keyset, req.values_len, req.listener, &req, req.delta,
+                              req.conn_slot, req.conn_id);
     stats_idle(loop);
     return after_python(c, rc);
 }
@@ -732,6 +733,8 @@ void conn_job_ready(blaze_conn *c, int rc)
         stats_bytes(c->loop, 0, c->thread_out);
         c->thread_out = 0;
     }
+    if (rc == BLAZE_PY_ERROR)
+        c->memo_ok = 0;           /* as in after_python */
     if (c->thread_broken || (gone && rc == BLAZE_PY_ERROR)) {
         c->thread_broken = 0;
         c->py_stream = rc == BLAZE_PY_STREAM;   /* on ERROR Python closed the iterable */

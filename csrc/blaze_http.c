@@ -788,7 +788,7 @@ static int keyset_slot(blaze_loop *loop, const char *keys, size_t len)
 /* Changed values a delta can name (their indices are one byte each). */
 #define MEMO_FIELDS 255
 
-/* threads = 1: how much of the values block Python needs (req->delta, see
+/* How much of the values block Python needs (req->delta, see
  * BLAZE_ENV_* in blaze_cdef.h).  A kept-alive connection's next request
  * usually repeats most values (Host, the client's address, User-Agent,
  * Accept-*, cookies), and Python copies the remembered environ instead of
@@ -998,10 +998,11 @@ int http_build_environ(blaze_conn *c, blaze_request *req)
     req->body_len = (size_t)c->body_total;
     req->body_fd = c->body_fd;
     req->conn_id = c->id;
-    req->delta = BLAZE_ENV_WHOLE;
+    req->conn_slot = c->fd;
     if (c->body_fd >= 0 && lseek(c->body_fd, 0, SEEK_SET) < 0)
         return 500;
-    if (loop->lim.threads <= 1)
-        env_delta(c, req, half);      /* last: Python is called with this request now */
+    /* Last: Python gets this request now (threads = 1), or the pool has it
+     * and a thread will (a connection's requests go to Python in order). */
+    env_delta(c, req, half);
     return 0;
 }

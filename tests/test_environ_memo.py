@@ -1,9 +1,10 @@
-"""The remembered environ (threads = 1): a kept-alive connection's next
+"""The remembered environ: a kept-alive connection's next
 request with the same CGI names gets a copy of the last environ with only the
 changed values stored (C env_delta, wsgi._memo).  Nothing of an earlier
 request may show through: every request's CGI values are checked against
 what it sent, over long random runs that repeat, change, add and drop values,
-on connections used side by side, after errors and after reconnecting."""
+on connections used side by side, after errors and after reconnecting.
+test_threads.py runs this file again with threads = 8."""
 import json
 import random
 import socket

@@ -409,11 +409,12 @@ def test_django_queries_sqlite_from_many_threads(server_factory, tmp_path):
 
 
 CORE_SUITES = ["tests/test_wsgi.py", "tests/test_http11.py", "tests/test_requests_corpus.py",
-               "tests/test_limits.py", "tests/test_tls.py"]
+               "tests/test_limits.py", "tests/test_tls.py", "tests/test_environ_memo.py"]
 
 
 def test_core_suites_pass_with_threads():
-    """The WSGI, HTTP/1.1, request-corpus, limits and TLS suites again, every server with threads=8."""
+    """The WSGI, HTTP/1.1, request-corpus, limits, TLS and remembered-environ
+    suites again, every server with threads=8."""
     env = dict(os.environ, BLAZE_TEST_THREADS="8")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CORE_SUITES],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
