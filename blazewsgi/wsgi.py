@@ -567,7 +567,10 @@ def _serve(conn, req):
         gen, build, _ = _keysets[slot]
         if gen != req.keygen:
             build = _learn_keys(slot, req)
-    return blaze_py_request(conn, slot, req.values_len, req.listener, req, req.delta, req.conn_slot,
+    delta = req.delta
+    if delta == 0:                  # nothing to read: the connection's remembered environ
+        return blaze_py_request(conn, slot, 0, 0, req, 0, req.conn_slot, req.conn_id, build, b"")
+    return blaze_py_request(conn, slot, req.values_len, req.listener, req, delta, req.conn_slot,
                             req.conn_id, build, _unpack(req.values, req.values_len))
 
 
