@@ -4,6 +4,7 @@
 # ~0.5%), so it tells small changes of the hot path apart.
 #
 # usage: benchmarks/callgrind.sh [MODULE:APP] [SECONDS]    (default hello:application, 4)
+#        WRK_ARGS="-s benchmarks/wrk/vary_query.lua" benchmarks/callgrind.sh   (more wrk options)
 #
 # Runs .venv's blazewsgi (1 worker, threads = 1, access log off) under
 # valgrind --tool=callgrind, counting only inside blaze_loop_run, drives it
@@ -27,7 +28,7 @@ PYTHONPATH="$PWD/benchmarks/apps${PYTHONPATH:+:$PYTHONPATH}" \
     >"$OUT/server.log" 2>&1 &
 master=$!
 for _ in $(seq 300); do curl -s -m 1 -o /dev/null "http://127.0.0.1:$PORT/" && break; sleep 0.2; done
-wrk -t1 -c8 -d"${SECS}s" "http://127.0.0.1:$PORT/" >"$OUT/wrk.txt"
+wrk -t1 -c8 -d"${SECS}s" ${WRK_ARGS:-} "http://127.0.0.1:$PORT/" >"$OUT/wrk.txt"
 kill -TERM "$master"; wait "$master" || true
 worker=$(ls -S "$OUT"/cg.* | head -1)      # the master's file counts nothing inside the loop
 callgrind_annotate --inclusive=yes "$worker" >"$OUT/inclusive.txt"

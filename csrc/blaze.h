@@ -245,6 +245,8 @@ struct blaze_conn {
     int memo_slot;                            /* the key set's slot ... */
     unsigned memo_gen;                        /* ... and generation */
     unsigned memo_ok : 1;                     /* memo holds what Python remembers (wsgi._memo) */
+    unsigned memo_off : 1;                    /* given up: its requests keep changing */
+    unsigned char memo_changed;               /* requests in a row with values changed */
     struct evbuffer *out;                     /* owned, created on the first short write */
     size_t cork_len;                          /* corked bytes in cork: written before out's */
     char cork[BLAZE_CORK_FLAT];

@@ -787,6 +787,11 @@ static int keyset_slot(blaze_loop *loop, const char *keys, size_t len)
 #define MEMO_MAX 4096
 /* Changed values a delta can name (their indices are one byte each). */
 #define MEMO_FIELDS 255
+/* A connection whose requests changed values this many times in a row is
+ * sent whole from then on, without comparing: a delta saves work only when
+ * little changes, and one value changing on every request (a browser's
+ * path) cost ~1.6k instructions a request more than a whole block. */
+#define MEMO_GIVE_UP 4
 
 /* How much of the values block Python needs (req->delta, see
  * BLAZE_ENV_* in blaze_cdef.h).  A kept-alive connection's next request
@@ -803,7 +808,8 @@ static void env_delta(blaze_conn *c, blaze_request *req, size_t cap)
     int same = c->memo_ok && c->memo_slot == slot && c->memo_gen == req->keygen;
     c->memo_ok = 0;                   /* until this block is in c->memo */
     req->delta = BLAZE_ENV_WHOLE;
-    if (!c->keepalive || len > MEMO_MAX || buf_reserve(&c->memo, &c->memo_cap, len) != BLAZE_OK)
+    if (c->memo_off || !c->keepalive || len > MEMO_MAX ||
+        buf_reserve(&c->memo, &c->memo_cap, len) != BLAZE_OK)
         return;
     unsigned char idx[MEMO_FIELDS];
     size_t off[MEMO_FIELDS], flen[MEMO_FIELDS];
@@ -831,6 +837,12 @@ static void env_delta(blaze_conn *c, blaze_request *req, size_t cap)
             q = qz + 1;
         }
     }
+    if (same && n > 0 && ++c->memo_changed >= MEMO_GIVE_UP) {
+        c->memo_off = 1;              /* whole from now on; memo_ok stays 0 */
+        return;
+    }
+    if (same && n == 0)
+        c->memo_changed = 0;
     memcpy(c->memo, vals, len);
     c->memo_len = len;
     c->memo_slot = slot;

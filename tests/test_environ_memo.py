@@ -90,14 +90,30 @@ def test_random_runs_on_one_connection_see_only_their_own_values(srv):
 
 def test_the_same_names_with_values_changing_one_at_a_time_or_all(srv):
     """Same CGI names request after request: the deltas (C env_delta) are
-    what carries each value."""
+    what carries each value.  Every other request repeats the one before, so
+    C does not give up on the connection (MEMO_GIVE_UP changes in a row)."""
     rng = random.Random(4321)
     with HTTPConn.connect(srv) as c:
         for i in range(300):
             if i % 60 == 0:
                 names = ("GET" if i % 120 else "POST", True, sorted(OPTIONAL))
+            if i % 2 == 0:
+                raw, want = random_request(rng, names)
+            check(c, raw, want, (i, raw))
+
+
+def test_a_connection_whose_values_keep_changing_is_sent_whole(srv):
+    """After MEMO_GIVE_UP requests in a row with changed values C stops
+    comparing; the values stay right before, at and after that point, also
+    when the requests then repeat."""
+    rng = random.Random(55)
+    names = ("GET", True, sorted(OPTIONAL))
+    with HTTPConn.connect(srv) as c:
+        for i in range(40):
             raw, want = random_request(rng, names)
             check(c, raw, want, (i, raw))
+        for i in range(5):
+            check(c, raw, want, ("repeat", i))
 
 
 def test_connections_side_by_side_keep_their_own(srv):
