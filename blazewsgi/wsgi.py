@@ -6,10 +6,10 @@ percent-decoded).  The names of a key set are learned once (_learn_keys);
 per request only the values come, one "VALUE\\0VALUE\\0..." block read
 in place from the loop's buffer (use_loop).  Building the environ is a
 copy of the listener's base, one decode, one split and one store per
-name, with no Python work per header.  The environ of a
-kept-alive connection's last request is remembered (_memo): when the next
-one has the same names, C sends only the values that changed, and the
-environ is a copy of the remembered one with those stored.  The response goes back the same
+name, with no Python work per header.  The environ of a kept-alive
+connection's last request is remembered (_memo): when the next one has the
+same names, C sends only the values that changed, and the environ is a copy
+of the remembered one with those stored.  The response goes back the same
 way: the status and the headers joined into one "status\\0name\\0value\\0..."
 string, which C validates and frames; it is remembered encoded (_head).
 
@@ -198,7 +198,8 @@ def _head(status, headers):
 def _remember_last(status, headers, head):
     """_last: a hashable head's status, a copy of its header list (the app's own
     list may change after the response; its tuples cannot), and its head
-    (bytes, length, header count).  One assignment, so an app thread never reads half of another's."""
+    (bytes, length, header count).  One assignment, so an app thread never
+    reads half of another's."""
     global _last
     _last = (status, list(headers), *head)
 
