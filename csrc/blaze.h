@@ -246,7 +246,7 @@ struct blaze_conn {
     unsigned memo_gen;                        /* ... and generation */
     unsigned memo_ok : 1;                     /* memo holds what Python remembers (wsgi._memo) */
     unsigned memo_off : 1;                    /* given up: its requests keep changing */
-    unsigned char memo_changed;               /* requests in a row with values changed */
+    unsigned char memo_changed;               /* requests in a row not repeating the last */
     struct evbuffer *out;                     /* owned, created on the first short write */
     size_t cork_len;                          /* corked bytes in cork: written before out's */
     char cork[BLAZE_CORK_FLAT];

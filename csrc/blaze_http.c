@@ -787,10 +787,10 @@ static int keyset_slot(blaze_loop *loop, const char *keys, size_t len)
 #define MEMO_MAX 4096
 /* Changed values a delta can name (their indices are one byte each). */
 #define MEMO_FIELDS 255
-/* A connection whose requests changed values this many times in a row is
- * sent whole from then on, without comparing: a delta saves work only when
- * little changes, and one value changing on every request (a browser's
- * path) cost ~1.6k instructions a request more than a whole block. */
+/* A connection whose requests changed values (or names) this many times in
+ * a row is sent whole from then on, without comparing: a delta saves work
+ * only when little changes, and one value changing on every request (a
+ * browser's path) cost ~1.6k instructions a request more than a whole block. */
 #define MEMO_GIVE_UP 4
 
 /* How much of the values block Python needs (req->delta, see
@@ -837,12 +837,12 @@ static void env_delta(blaze_conn *c, blaze_request *req, size_t cap)
             q = qz + 1;
         }
     }
-    if (same && n > 0 && ++c->memo_changed >= MEMO_GIVE_UP) {
+    if (same && n == 0) {
+        c->memo_changed = 0;
+    } else if (++c->memo_changed >= MEMO_GIVE_UP) {
         c->memo_off = 1;              /* whole from now on; memo_ok stays 0 */
         return;
     }
-    if (same && n == 0)
-        c->memo_changed = 0;
     memcpy(c->memo, vals, len);
     c->memo_len = len;
     c->memo_slot = slot;
