@@ -35,6 +35,8 @@ DEPENDENCIES = [
 # Calls from C into Python: one per request (blaze_py_request), plus the
 # resumption of a suspended streaming response and its abort.  With
 # threads > 1 the loop calls none of them: app threads call blaze_pool_next.
+# blaze_py_request: delta, conn_slot and conn_id are req's fields, passed
+# again as arguments because reading a cdata field costs more per request.
 EXTERN_PYTHON = """
 extern "Python+C" {
     int blaze_py_request(blaze_conn *c, int keyset, size_t values_len, int listener,

@@ -570,9 +570,11 @@ def _serve(conn, req):
             build = _learn_keys(slot, req)
     delta = req.delta
     if delta == 0:                  # nothing to read: the connection's remembered environ
-        return blaze_py_request(conn, slot, 0, 0, req, 0, req.conn_slot, req.conn_id, build, b"")
-    return blaze_py_request(conn, slot, req.values_len, req.listener, req, delta, req.conn_slot,
-                            req.conn_id, build, _unpack(req.values, req.values_len))
+        listener, block = 0, b""
+    else:
+        listener, block = req.listener, _unpack(req.values, req.values_len)
+    # values_len 0: unused, the block is given
+    return blaze_py_request(conn, slot, 0, listener, req, delta, req.conn_slot, req.conn_id, build, block)
 
 
 @ffi.def_extern(onerror=lambda *exc: log.critical("blaze_py_request failed", exc_info=exc) or ERROR)
@@ -583,9 +585,8 @@ def blaze_py_request(conn, keyset, values_len, listener, req, delta, conn_slot, 
     of the loop's values block (_values); delta >= 0: only the values that
     changed since the connection's last request (see _memo).  From _serve
     (an app thread), with the builder it chose and the block: a one-item
-    response comes back as
-    (r, head, len(head), len(headers), body) for the thread to hand to C with the
-    connection (threads.py).  Everything on the common path is inline: each
+    response comes back as (r, head, len(head), len(headers), body) for the
+    thread to hand to C with the connection (threads.py).  Everything on the common path is inline: each
     Python call costs."""
     defer = block is not None
     if delta >= 0:                  # a kept-alive connection's next request: see C env_delta

@@ -107,15 +107,16 @@ typedef struct {
     unsigned gen;                             /* changes whenever the slot is learned anew */
 } blaze_keyset;
 
-/* The status and headers an app gave for the head framed last, so that
- * the same again (an app answers with a few heads over and over) is not
- * validated and framed anew: buf[0:fixed_len] still holds its status line
- * and headers, and the fields below what checking them found. */
+/* The head ("status\0name\0value...") an app gave for the head framed
+ * last, so that the same again (an app answers with a few heads over and
+ * over) is not split, validated and framed anew: buf[0:fixed_len] still
+ * holds its status line and headers, and the fields below what checking
+ * them found. */
 #define BLAZE_HEAD_KEY_MAX 1024
 typedef struct {
     size_t fixed_len;                         /* of the framed status line and headers */
-    int remembered;                           /* key holds them (they fit) */
-    size_t slen, hlen;                        /* key = status, then the header block */
+    int remembered;                           /* key holds the head (it fit) */
+    size_t len, slen;                         /* of the head, of its status */
     int nhdrs;
     unsigned have_server : 1, have_date : 1, conn_close : 1;
     long long cl;                             /* the app's Content-Length, or -1 */

@@ -841,6 +841,9 @@ static void env_delta(blaze_conn *c, blaze_request *req, size_t cap)
         c->memo_changed = 0;
     } else if (++c->memo_changed >= MEMO_GIVE_UP) {
         c->memo_off = 1;              /* whole from now on; memo_ok stays 0 */
+        free(c->memo);
+        c->memo = NULL;
+        c->memo_cap = 0;
         return;
     }
     memcpy(c->memo, vals, len);

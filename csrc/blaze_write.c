@@ -90,14 +90,18 @@ static blaze_head *head_of(blaze_conn *c)
     return c->in_thread ? c->thread_head : &c->loop->head;
 }
 
-/* Validate status + headers and frame them (status line, then the app's
- * headers less the hop-by-hop ones) at the start of hd->buf, which has room;
- * hd->memo then describes them. */
-static int frame_fixed(blaze_head *hd, const char *status, size_t slen, const char *hdrs,
-                       size_t hlen, int nhdrs)
+/* Validate a head (its status is the first slen bytes, then a NUL and the
+ * header block) and frame it (status line, then the app's headers less the
+ * hop-by-hop ones) at the start of hd->buf, which has room; hd->memo then
+ * describes it. */
+static int frame_fixed(blaze_head *hd, const char *head, size_t head_len, size_t slen, int nhdrs)
 {
+    const char *status = head, *hdrs = head + slen + 1;
+    size_t hlen = head_len - slen - 1;
     blaze_head_memo *m = &hd->memo;
     m->remembered = 0;               /* buf is overwritten from here on */
+    if (nhdrs == 0 && hlen != 0)
+        BAD("malformed header list");
     if (slen < 3 || status[0] < '1' || status[0] > '5' || status[1] < '0' || status[1] > '9' ||
         status[2] < '0' || status[2] > '9' || (slen > 3 && status[3] != ' '))
         BAD("invalid status line %.40s (want \"200 OK\")", status);
@@ -181,11 +185,10 @@ static int frame_fixed(blaze_head *hd, const char *status, size_t slen, const ch
     m->conn_close = conn_close != 0;
     m->cl = cl;
     m->fixed_len = (size_t)(p - hd->buf);
-    if (slen + hlen <= sizeof(m->key)) {      /* a longer head is framed anew each time */
-        memcpy(m->key, status, slen);
-        memcpy(m->key + slen, hdrs, hlen);
-        m->slen = slen;
-        m->hlen = hlen;
+    m->slen = slen;                           /* frame_head reads it, remembered or not */
+    if (head_len <= sizeof(m->key)) {         /* a longer head is framed anew each time */
+        memcpy(m->key, head, head_len);
+        m->len = head_len;
         m->nhdrs = nhdrs;
         m->remembered = 1;
     }
@@ -193,7 +196,8 @@ static int frame_fixed(blaze_head *hd, const char *status, size_t slen, const ch
 }
 
 /* Validate and frame a head -- "status\0name\0value\0...", the status
- * line then nhdrs (name, value) pairs -- into head_of(c). */
+ * line then nhdrs (name, value) pairs -- into head_of(c).  The head framed
+ * last is compared whole first (hd->memo); only a new one is split. */
 static int frame_head(blaze_conn *c, const char *head, size_t head_len, int nhdrs, long long body_len)
 {
     blaze_loop *loop = c->loop;
@@ -202,14 +206,9 @@ static int frame_head(blaze_conn *c, const char *head, size_t head_len, int nhdr
         BAD("client disconnected");
     if (c->resp_started)
         BAD("response already started");
-    const char *z = memchr(head, '\0', head_len);
-    if (z == NULL)
-        BAD("malformed head (no end to the status line)");
-    const char *status = head, *hdrs = z + 1;
-    size_t slen = (size_t)(z - head), hlen = head_len - slen - 1;
-    if (nhdrs < 0 || (nhdrs == 0 && hlen != 0))
+    if (nhdrs < 0)
         BAD("malformed header list");
-    size_t need = 16 + slen + hlen + 4 * (size_t)nhdrs + 256 + BLAZE_COALESCE;
+    size_t need = 16 + head_len + 4 * (size_t)nhdrs + 256 + BLAZE_COALESCE;
     if (need > hd->cap) {
         size_t cap = hd->cap ? hd->cap : 4096;
         while (cap < need)
@@ -221,10 +220,16 @@ static int frame_head(blaze_conn *c, const char *head, size_t head_len, int nhdr
         hd->cap = cap;
     }
     blaze_head_memo *m = &hd->memo;
-    if (!(m->remembered && slen == m->slen && hlen == m->hlen && nhdrs == m->nhdrs &&
-          memcmp(m->key, status, slen) == 0 && memcmp(m->key + slen, hdrs, hlen) == 0) &&
-        frame_fixed(hd, status, slen, hdrs, hlen, nhdrs) != BLAZE_OK)
-        return BLAZE_ERR;
+    if (!(m->remembered && head_len == m->len && nhdrs == m->nhdrs &&
+          memcmp(m->key, head, head_len) == 0)) {
+        const char *z = memchr(head, '\0', head_len);
+        if (z == NULL)
+            BAD("malformed head (no end to the status line)");
+        if (frame_fixed(hd, head, head_len, (size_t)(z - head), nhdrs) != BLAZE_OK)
+            return BLAZE_ERR;
+    }
+    const char *status = head;
+    size_t slen = m->slen;            /* this head's: remembered, or just framed */
     /* three digits: frame_fixed checked them, now or for the same bytes */
     int code = (status[0] - '0') * 100 + (status[1] - '0') * 10 + (status[2] - '0');
     c->resp_status = code;
