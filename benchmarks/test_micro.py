@@ -21,6 +21,7 @@ request's round trip.
 """
 
 import socket
+import types
 
 import pytest
 
@@ -59,11 +60,9 @@ ENV_VALUES = ("127.0.0.1", "50412", "/", "127.0.0.1:8000", "Mozilla/5.0 (X11; Li
 
 
 def _environ_base(wsgi):
-    base = {"wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.multithread": False,
-            "wsgi.multiprocess": True, "wsgi.run_once": False, "wsgi.input_terminated": True,
-            "SCRIPT_NAME": "", "REQUEST_METHOD": "GET", "SERVER_PROTOCOL": "HTTP/1.1", "QUERY_STRING": "",
-            "SERVER_SOFTWARE": "BlazeWSGI", "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8000"}
-    return wsgi._sized(base)
+    """The listener's base environ, as a worker's wsgi.setup makes it."""
+    wsgi.setup(None, [types.SimpleNamespace(kind="tcp", server_name="127.0.0.1", server_port="8000")], True)
+    return wsgi._bases[0]
 
 
 def test_micro_environ_whole(benchmark):

@@ -206,8 +206,6 @@ void conn_free(blaze_conn *c)
     free(c->env);
     c->env = NULL;
     free(c->memo);
-    c->memo = NULL;
-    c->memo_ok = 0;
     request_left(c);
     if (c->py_stream) {
         c->py_stream = 0;
@@ -733,8 +731,6 @@ void conn_job_ready(blaze_conn *c, int rc)
         stats_bytes(c->loop, 0, c->thread_out);
         c->thread_out = 0;
     }
-    if (rc == BLAZE_PY_ERROR)
-        c->memo_ok = 0;           /* as in after_python */
     if (c->thread_broken || (gone && rc == BLAZE_PY_ERROR)) {
         c->thread_broken = 0;
         c->py_stream = rc == BLAZE_PY_STREAM;   /* on ERROR Python closed the iterable */

@@ -837,9 +837,14 @@ static void env_delta(blaze_conn *c, blaze_request *req, size_t cap)
             q = qz + 1;
         }
     }
-    if (same && n == 0) {
+    if (same && n == 0) {             /* c->memo holds these very values already */
         c->memo_changed = 0;
-    } else if (++c->memo_changed >= MEMO_GIVE_UP) {
+        c->memo_ok = 1;
+        req->values_len = 0;
+        req->delta = 0;
+        return;
+    }
+    if (++c->memo_changed >= MEMO_GIVE_UP) {
         c->memo_off = 1;              /* whole from now on; memo_ok stays 0 */
         free(c->memo);
         c->memo = NULL;

@@ -29,6 +29,11 @@ GET_ENVIRON = {"REQUEST_METHOD": "GET", "PATH_INFO": "/environ", "QUERY_STRING":
 HOSTS = ["t", "example.org", "t:8080"]
 
 
+def get_environ(header, value, path="/environ"):
+    """`GET path` with `Host: t` and one more header."""
+    return f"GET {path} HTTP/1.1\r\nHost: t\r\n{header}: {value}\r\n\r\n".encode()
+
+
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
     s = Server(str(tmp_path_factory.mktemp("memo")), "apps_wsgi:app", extra=KEEPALIVE).start()
@@ -147,7 +152,7 @@ def test_pipelined_requests_each_see_their_own(srv):
 
 def test_after_an_error_and_a_reconnect_the_values_are_the_new_ones(srv):
     def req(path, ua):
-        return f"GET {path} HTTP/1.1\r\nHost: t\r\nUser-Agent: {ua}\r\n\r\n".encode()
+        return get_environ("User-Agent", ua, path)
 
     want = GET_ENVIRON
     for round_ in range(5):
@@ -165,7 +170,7 @@ def test_after_an_error_and_a_reconnect_the_values_are_the_new_ones(srv):
 
 def test_values_too_big_to_remember_are_sent_whole(srv):
     def req(v):
-        return f"GET /environ HTTP/1.1\r\nHost: t\r\nX-Big: {v}\r\n\r\n".encode()
+        return get_environ("X-Big", v)
 
     want = GET_ENVIRON
     big1, big2, small = "a" * 5000, "b" * 5000, "c"
@@ -178,7 +183,7 @@ def test_a_new_connection_on_a_reused_descriptor_starts_afresh(srv):
     """Closed and reopened at once, the new connection usually gets the old one's
     descriptor (the memo's slot); its first request is taken whole."""
     def req(ua):
-        return f"GET /environ HTTP/1.1\r\nHost: t\r\nUser-Agent: {ua}\r\n\r\n".encode()
+        return get_environ("User-Agent", ua)
 
     want = GET_ENVIRON
     for i in range(20):
