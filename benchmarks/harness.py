@@ -1139,16 +1139,30 @@ def evaluate_targets(results: list[dict]) -> list[dict]:
                    "missing": missing}
             if ran:
                 ref = max(ran, key=lambda s: s["rps"])
-                row.update(reference=ref["server"], ref_value=ref[key], ratio=_ratio(ours.get(key), ref[key]))
+                row.update(reference=ref["server"], ref_value=ref[key], ratio=_ratio(ours.get(key), ref[key]),
+                           round_ratios=_round_ratios(rs, first["ours"], ref["server"], key))
                 others = [v for v in (ours.get("other_cpu_max"), ref["other_cpu_max"]) if v is not None]
                 row["other_cpu_max"] = max(others, default=None)
             if row["ratio"] is None:
                 row["verdict"] = "n/a"
             else:
-                ok = row["ratio"] >= target.bound if higher_better else row["ratio"] <= target.bound
-                row["verdict"] = "PASS" if ok else "FAIL"
+                meets = (lambda r: r >= target.bound) if higher_better else (lambda r: r <= target.bound)
+                row["verdict"] = "PASS" if meets(row["ratio"]) else "FAIL"
+                # The same servers, interleaved, gave either verdict round by round: a draw of
+                # this shared machine more than a lead (RESULTS.md, "How much to trust one run").
+                row["split"] = len({meets(r) for r in row.get("round_ratios", [])}) > 1
             rows.append(row)
     return rows
+
+
+def _round_ratios(rs: list[dict], ours: str, ref: str, key: str) -> list[float]:
+    """ours/ref on one metric, round by round (the two ran back to back in each)."""
+    by_round: dict[int, dict[str, float]] = {}
+    for r in rs:
+        if r.get("status") == "ok" and r.get(key) is not None and r["server"] in (ours, ref):
+            by_round.setdefault(r["round"], {})[r["server"]] = r[key]
+    pairs = [by_round[n] for n in sorted(by_round)]
+    return [p[ours] / p[ref] for p in pairs if ours in p and ref in p and p[ref]]
 
 
 def _fmt(value, spec: str = ".0f", suffix: str = "") -> str:
@@ -1171,7 +1185,7 @@ SUMMARY_HEADER = ["case", "server", "status", "req/s", "ours/peer req/s", "µs C
                   "other CPU (max)"]
 # cores busy with neither the server nor wrk above which a run was disturbed by the shared machine
 DISTURBED = 0.3
-TARGET_HEADER = ["case", "target", "reference", "ours", "reference value", "ratio", "verdict"]
+TARGET_HEADER = ["case", "target", "reference", "ours", "reference value", "ratio", "by round", "verdict"]
 RUN_HEADER = ["case", "server", "round", "status", "req/s", "p50 ms", "p99 ms", "errors",
               "µs CPU/req", "server CPU", "wrk CPU", "other CPU", "CPU by proc", "peak RSS MiB (sum/max)",
               "RSS/worker MiB", "PSS MiB", "procs"]
@@ -1218,12 +1232,15 @@ def _target_row(t: dict) -> list[str]:
     spec = ".1f" if "CPU" in t["target"] or "RSS" in t["target"] else ".2f" if "p99" in t["target"] else ".0f"
     scale = (lambda v: v / 1024 if v is not None else None) if "RSS" in t["target"] else (lambda v: v)
     verdict = t["verdict"]
+    if t.get("split"):
+        verdict += ", rounds split"
     if (t.get("other_cpu_max") or 0) > DISTURBED:
         verdict += f", disturbed (other CPU up to {t['other_cpu_max']:.2f})"
     if t["missing"]:
         verdict += " (" + ", ".join(t["missing"]) + ")"
     return [case_title(t), t["target"], t["reference"] or "—", _fmt(scale(t["ours_value"]), spec),
-            _fmt(scale(t["ref_value"]), spec), _fmt(t["ratio"], ".2f", "x"), verdict]
+            _fmt(scale(t["ref_value"]), spec), _fmt(t["ratio"], ".2f", "x"),
+            " / ".join(f"{r:.2f}" for r in t.get("round_ratios", [])) or "—", verdict]
 
 
 def _run_row(r: dict) -> list[str]:

@@ -58,7 +58,8 @@ def header(data: dict) -> str:
         f"run after a {settings.get('warmup_seconds', '?')} s warm-up, servers interleaved, "
         f"{settings.get('rounds', '?')} rounds; ratios are ours/peer of the per-server means (req/s: > 1 is ours "
         "faster; CPU, p99, RSS: < 1 is ours smaller). CPU = utime+stime of the server's whole process tree "
-        "(/proc) / requests; RSS/worker = mean peak RSS of the worker processes.",
+        "(/proc) / requests; RSS/worker = mean peak RSS of the worker processes. \"by round\": the bar's ratio in "
+        "each round; \"rounds split\": the rounds gave different verdicts.",
     ]
     if settings.get("command"):
         lines.append(f"Command: `{settings['command']}`")
