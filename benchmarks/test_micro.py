@@ -57,6 +57,7 @@ def test_micro_header_block(benchmark, headers):
 # the CGI names C sends for wrk's GET / (values in this order), as in a worker
 ENV_KEYS = ("REMOTE_ADDR", "REMOTE_PORT", "PATH_INFO", "HTTP_HOST", "HTTP_USER_AGENT", "HTTP_ACCEPT")
 ENV_VALUES = ("127.0.0.1", "50412", "/", "127.0.0.1:8000", "Mozilla/5.0 (X11; Linux x86_64) micro", "*/*")
+ENV_BLOCK = "\0".join(ENV_VALUES).encode("latin-1")     # C's values block for them
 
 
 def _environ_base(wsgi):
@@ -67,11 +68,10 @@ def _environ_base(wsgi):
 
 def test_micro_environ_whole(benchmark):
     wsgi = pytest.importorskip("blazewsgi.wsgi")
-    bases, build = _environ_base(wsgi), wsgi._compiled_builder(ENV_KEYS)
-    block = "\0".join(ENV_VALUES).encode("latin-1")
+    base, build = _environ_base(wsgi), wsgi._compiled_builder(ENV_KEYS)
     benchmark.group = "micro"
     benchmark.extra_info["what"] = f"an environ built whole: a compiled builder, {len(ENV_KEYS)} values from C's block"
-    environ = benchmark(build, bases, block)
+    environ = benchmark(build, base, ENV_BLOCK)
     assert environ["PATH_INFO"] == "/" and environ["HTTP_ACCEPT"] == "*/*" and environ["SERVER_PORT"] == "8000"
 
 
@@ -81,7 +81,7 @@ def test_micro_environ_remembered(benchmark, changed):
     same values again, as wrk and most API clients send; 1: one value, here the
     path, whose index and new value make the block)."""
     wsgi = pytest.importorskip("blazewsgi.wsgi")
-    remembered = wsgi._compiled_builder(ENV_KEYS)(_environ_base(wsgi), "\0".join(ENV_VALUES).encode("latin-1"))
+    remembered = wsgi._compiled_builder(ENV_KEYS)(_environ_base(wsgi), ENV_BLOCK)
     delta = bytes([ENV_KEYS.index("PATH_INFO")]) + b"/other"
 
     def next_request():            # as blaze_py_request does it

@@ -586,8 +586,8 @@ def blaze_py_request(conn, keyset, values_len, listener, req, delta, conn_slot, 
     changed since the connection's last request (see _memo).  From _serve
     (an app thread), with the builder it chose and the block: a one-item
     response comes back as (r, head, len(head), len(headers), body) for the
-    thread to hand to C with the connection (threads.py).  Everything on the common path is inline: each
-    Python call costs."""
+    thread to hand to C with the connection (threads.py).  Everything on the
+    common path is inline: each Python call costs."""
     defer = block is not None
     if delta >= 0:                  # a kept-alive connection's next request: see C env_delta
         cid, environ = _memo[conn_slot]

@@ -83,6 +83,12 @@ def check(conn, raw, want, what):
     assert got == want, what
 
 
+def check_get(conn, header, value, what, path="/environ"):
+    """get_environ's request: the app sees GET_ENVIRON plus that header's value."""
+    key = "HTTP_" + header.upper().replace("-", "_")
+    check(conn, get_environ(header, value, path), dict(GET_ENVIRON, **{key: value}), what)
+
+
 def test_random_runs_on_one_connection_see_only_their_own_values(srv):
     rng = random.Random(1234)
     with HTTPConn.connect(srv) as c:
@@ -151,43 +157,31 @@ def test_pipelined_requests_each_see_their_own(srv):
 
 
 def test_after_an_error_and_a_reconnect_the_values_are_the_new_ones(srv):
-    def req(path, ua):
-        return get_environ("User-Agent", ua, path)
-
-    want = GET_ENVIRON
     for round_ in range(5):
         with HTTPConn.connect(srv) as c:
-            check(c, req("/environ", f"before-{round_}"), dict(want, HTTP_USER_AGENT=f"before-{round_}"), round_)
-            r = c.request(req("/raise-before", "err"))
+            check_get(c, "User-Agent", f"before-{round_}", round_)
+            r = c.request(get_environ("User-Agent", "err", "/raise-before"))
             assert r.status == 500
             if r.get("Connection", "").lower() == "close":
                 c.close()
                 c = HTTPConn.connect(srv)
             # the same names as the failed request, another value
-            check(c, req("/environ", f"after-{round_}"), dict(want, HTTP_USER_AGENT=f"after-{round_}"), round_)
-            check(c, req("/environ", f"after-{round_}"), dict(want, HTTP_USER_AGENT=f"after-{round_}"), round_)
+            check_get(c, "User-Agent", f"after-{round_}", round_)
+            check_get(c, "User-Agent", f"after-{round_}", round_)
 
 
 def test_values_too_big_to_remember_are_sent_whole(srv):
-    def req(v):
-        return get_environ("X-Big", v)
-
-    want = GET_ENVIRON
     big1, big2, small = "a" * 5000, "b" * 5000, "c"
     with HTTPConn.connect(srv) as c:
         for v in (small, big1, big1, small, big2, small, small, big2):
-            check(c, req(v), dict(want, HTTP_X_BIG=v), len(v))
+            check_get(c, "X-Big", v, len(v))
 
 
 def test_a_new_connection_on_a_reused_descriptor_starts_afresh(srv):
     """Closed and reopened at once, the new connection usually gets the old one's
     descriptor (the memo's slot); its first request is taken whole."""
-    def req(ua):
-        return get_environ("User-Agent", ua)
-
-    want = GET_ENVIRON
     for i in range(20):
         with HTTPConn.connect(srv) as c:
-            check(c, req(f"ua-{i}"), dict(want, HTTP_USER_AGENT=f"ua-{i}"), i)
-            check(c, req(f"ua-{i}"), dict(want, HTTP_USER_AGENT=f"ua-{i}"), i)
+            check_get(c, "User-Agent", f"ua-{i}", i)
+            check_get(c, "User-Agent", f"ua-{i}", i)
             c.sock.shutdown(socket.SHUT_WR)
